@@ -1,0 +1,135 @@
+// Host-side driver of resnet_fused::conv_bn_act, shared by the CPU and CUDA
+// registrations; only the in-place epilogue differs per device.
+//
+//   out = act(conv2d(input, weight * scale[k]) + shift[k] [+ residual])
+//
+// The convolution itself goes to at::convolution (oneDNN on CPU, cuDNN on
+// CUDA) with BN folded into its weight and bias; the residual add and ReLU run
+// as one extra pass instead of two.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/accumulate.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace resnet_fused {
+
+// out = act(out [+ residual]) in place. When given, residual has out's sizes
+// and strides, so both can be walked as flat arrays of out.numel() elements.
+using ConvBnActEpilogue = void (*)(at::Tensor& out, const std::optional<at::Tensor>& residual, bool relu);
+
+namespace detail {
+
+inline std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
+inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), "conv_bn_act: ", name, " is on ", t.device(),
+              " but input is on ", input.device(), "; all tensors must be on one device");
+}
+
+inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
+  TORCH_CHECK(v.size() == 2, "conv_bn_act: ", name, " must have 2 elements (h, w), got ", v.size());
+  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, "conv_bn_act: ", name, " must be ",
+              min_value == 0 ? "non-negative" : "positive", ", got ", v);
+}
+
+// scale and shift: one value per output channel, any floating dtype (BN
+// buffers are often fp32 while the activations are half).
+inline void check_per_channel(const at::Tensor& t, const char* name, int64_t K, const at::Tensor& input) {
+  check_device(t, name, input);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == K, "conv_bn_act: ", name,
+              " must be a 1-D tensor of length K=", K, " (output channels), got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "conv_bn_act: ", name,
+              " must be a floating tensor, got ", dtype_name(t.scalar_type()));
+}
+
+}  // namespace detail
+
+inline at::Tensor conv_bn_act(const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& scale, const at::Tensor& shift,
+                              const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                              bool relu, ConvBnActEpilogue epilogue) {
+  using detail::dtype_name;
+  TORCH_CHECK(input.dim() == 4, "conv_bn_act: input must be a 4-D (N, C, H, W) tensor, got ", input.dim(), "-D");
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "conv_bn_act: input must be float32, float16, bfloat16 or float64, got ", dtype_name(dtype));
+  TORCH_CHECK(weight.dim() == 4, "conv_bn_act: weight must be a 4-D (K, C/groups, R, S) tensor, got ",
+              weight.dim(), "-D");
+  detail::check_device(weight, "weight", input);
+  TORCH_CHECK(weight.scalar_type() == dtype, "conv_bn_act: weight dtype ", dtype_name(weight.scalar_type()),
+              " does not match input dtype ", dtype_name(dtype));
+  TORCH_CHECK(groups > 0, "conv_bn_act: groups must be positive, got ", groups);
+  const int64_t K = weight.size(0);
+  TORCH_CHECK(K % groups == 0, "conv_bn_act: weight.size(0)=", K, " (output channels) must be divisible by groups=",
+              groups);
+  TORCH_CHECK(weight.size(1) * groups == input.size(1), "conv_bn_act: expected input with ",
+              weight.size(1) * groups, " channels (weight.size(1)=", weight.size(1), " x groups=", groups,
+              "), got input with ", input.size(1), " channels");
+  detail::check_pair(stride, "stride", 1);
+  detail::check_pair(padding, "padding", 0);
+  detail::check_pair(dilation, "dilation", 1);
+  if (scale.has_value()) detail::check_per_channel(*scale, "scale", K, input);
+  detail::check_per_channel(shift, "shift", K, input);
+
+  // Output size, checked here so a bad residual fails before any conv work.
+  std::vector<int64_t> out_sizes{input.size(0), K, 0, 0};
+  for (int d = 0; d < 2; ++d) {
+    const int64_t extent = input.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1;
+    TORCH_CHECK(extent >= 0, "conv_bn_act: the dilated kernel (", weight.size(2 + d), " with dilation ", dilation[d],
+                ") is larger than the padded input (", input.size(2 + d), " + 2*", padding[d], ") in dim ", 2 + d);
+    out_sizes[2 + d] = extent / stride[d] + 1;
+  }
+  if (residual.has_value()) {
+    detail::check_device(*residual, "residual", input);
+    TORCH_CHECK(residual->scalar_type() == dtype, "conv_bn_act: residual dtype ",
+                dtype_name(residual->scalar_type()), " does not match input dtype ", dtype_name(dtype));
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_sizes), "conv_bn_act: residual must have the output shape ",
+                at::IntArrayRef(out_sizes), ", got ", residual->sizes());
+  }
+
+  // channels_last in -> channels_last out, whatever layout the weight has
+  // (cuDNN picks channels_last if either operand is). The same rule as the
+  // Python side (ops/conv_bn_act.py output_memory_format), so the registered
+  // fake kernel predicts these strides exactly.
+  const bool channels_last = input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous();
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (c10::multiply_integers(out_sizes) == 0) {
+    return at::empty(out_sizes, input.options().memory_format(fmt));
+  }
+
+  at::Tensor w = weight;
+  if (scale.has_value()) {
+    // Fold in the accumulation type so half/bf16 weights round once, not twice.
+    const auto acc = at::toOpMathType(dtype);
+    w = (weight.to(acc) * scale->to(acc).view({K, 1, 1, 1})).to(dtype);
+  }
+  w = w.contiguous(fmt);
+  at::Tensor out = at::convolution(input, w, shift.to(dtype), stride, padding, dilation,
+                                   /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  if (!out.is_contiguous(fmt)) out = out.contiguous(fmt);
+
+  if (residual.has_value() || relu) {
+    std::optional<at::Tensor> res;
+    if (residual.has_value()) {
+      res = *residual;
+      if (residual->strides() != out.strides()) {
+        // empty_like keeps out's exact strides (out is dense), so the flat
+        // epilogue pairs element i of out with element i of the residual.
+        res = at::empty_like(out);
+        res->copy_(*residual);
+      }
+    }
+    epilogue(out, res, relu);
+  }
+  return out;
+}
+
+}  // namespace resnet_fused

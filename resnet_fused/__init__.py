@@ -1,0 +1,20 @@
+"""resnet_fused: fused conv + BatchNorm + ReLU (+ residual add) for ResNet-style networks."""
+
+from .backends import BACKENDS, available_backends
+from .convert import convert
+from .functional import conv_bn_act, fold_batch_norm
+from .nn import FoldedBatchNorm2d, FusedBasicBlock, FusedBottleneck, FusedConv2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "FoldedBatchNorm2d",
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "FusedConv2d",
+    "available_backends",
+    "conv_bn_act",
+    "convert",
+    "fold_batch_norm",
+]

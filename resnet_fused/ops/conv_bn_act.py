@@ -1,0 +1,248 @@
+"""Triton ``conv_bn_act``: convolution + folded BatchNorm (+ residual) (+ ReLU) in one launch.
+
+Implicit GEMM: rows are output pixels ``m = (n, p, q)`` (M = N·P·Q), columns are output
+channels ``k`` (K), and the reduction runs over ``(r, s, c)`` (R·S·C). The input is never
+unfolded in memory; each program gathers its ``[BLOCK_M, BLOCK_C]`` input tile straight from
+the activation tensor with the padding expressed as a load mask.
+
+Epilogue, per output channel k, in fp32 before the single store:
+``out = act(acc · scale_k + shift_k [+ residual])`` with ``scale_k = γ_k/√(σ²_k+ε)`` and
+``shift_k = β_k − μ_k·scale_k (+ conv_bias_k·scale_k)``; ``scale`` may be omitted when the
+weight was folded beforehand.
+
+Every tensor is addressed through its strides, so NCHW and channels_last (NHWC) inputs,
+residuals and outputs need no layout conversion pass; channels_last is the fast layout because
+the reduction dimension C is then contiguous.
+
+Inference only: this op has no backward (the fused training path is a separate op).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INT32_MAX = 2**31 - 1
+
+# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may choose on a GPU, by
+# element size. BLOCK_M is a multiple of 64 and num_warps a multiple of 4 so that fp16/bf16 and
+# TF32 dots lower to Hopper wgmma; every one compiles for sm_90 without register spills
+# (tests/test_conv_bn_act_sm90.py). fp32 tiles are smaller: IEEE fp32 runs on FMA units and
+# holds both operands in registers.
+_GPU_TILES = {
+    2: ((128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
+    4: ((128, 64, 8, 2), (64, 64, 4, 3)),
+}
+# Reduction chunk over input channels: 16 for thin inputs (the RGB stem, C=3) so few lanes are
+# masked off; otherwise as wide as shared memory allows for the element size.
+_BLOCK_C_THIN = 16
+_BLOCK_C = {2: 64, 4: 32}
+
+
+def _config(block_m, block_n, block_c, num_warps, num_stages):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_C": block_c},
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def gpu_configs(dtype: torch.dtype, channels: int) -> list[triton.Config]:
+    """The configs the GPU autotuner may choose for inputs of ``dtype`` with ``channels`` C."""
+    size = dtype.itemsize
+    block_c = _BLOCK_C_THIN if channels <= _BLOCK_C_THIN else _BLOCK_C[size]
+    return [_config(bm, bn, block_c, w, st) for bm, bn, w, st in _GPU_TILES[size]]
+
+
+def _config_id(config: triton.Config) -> tuple:
+    return (*sorted(config.kwargs.items()), config.num_warps, config.num_stages)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# The interpreter runs programs one after another in numpy and ignores warps and stages:
+# wide tiles mean fewer sequential steps (resnet50 at 32x32 runs 3x faster than with
+# 32x64x64), and a single config skips benchmarking altogether.
+_INTERPRETER_CONFIGS = [_config(32, 128, 128, 4, 1)]
+_ALL_GPU_CONFIGS = [
+    *gpu_configs(torch.float16, _BLOCK_C_THIN),
+    *gpu_configs(torch.float16, 2 * _BLOCK_C_THIN),
+    *gpu_configs(torch.float32, _BLOCK_C_THIN),
+    *gpu_configs(torch.float32, 2 * _BLOCK_C_THIN),
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    if _interpreting():
+        return configs
+    wanted = {_config_id(c) for c in gpu_configs(named_args["x_ptr"].dtype, named_args["C"])}
+    return [c for c in configs if _config_id(c) in wanted]
+
+
+@triton.jit
+def _conv_bn_act_fwd_kernel(
+    x_ptr,  # input (N, C, H, W), any strides (NCHW or NHWC in memory)
+    w_ptr,  # weight (K, C, R, S), any strides
+    scale_ptr,  # (K,) fp32 per-channel multiplier; read only when HAS_SCALE
+    shift_ptr,  # (K,) fp32 per-channel additive term (BN shift with the conv bias folded in)
+    res_ptr,  # residual (N, K, P, Q), any strides; read only when HAS_RESIDUAL
+    out_ptr,  # output (N, K, P, Q), any strides; written once
+    N, C, H, W, K, P, Q,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_k, sw_c, sw_r, sw_s,
+    sr_n, sr_k, sr_p, sr_q,
+    so_n, so_k, so_p, so_q,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only consulted for fp32 operands
+    USE_INT64: tl.constexpr,  # some tensor has more than 2**31-1 elements
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * P * Q
+    mask_k = offs_k < K
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    q = offs_m % Q
+    p = (offs_m // Q) % P
+    n = offs_m // (P * Q)
+    h_origin = p * stride_h - pad_h
+    w_origin = q * stride_w - pad_w
+    x_rows = x_ptr + n * sx_n
+    w_cols = w_ptr + offs_k * sw_k
+
+    # One flat loop over (r, s, channel block) rather than three nested ones, so the software
+    # pipeliner overlaps loads with dots even when C fits in a single block.
+    # (Plain arithmetic, not tl.cdiv: library @jit helpers cannot be compiled for sm_90 in the
+    # same process as the interpreter, which is how tests/test_conv_bn_act_sm90.py runs.)
+    c_blocks = (C + BLOCK_C - 1) // BLOCK_C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(R * S * c_blocks):
+        rs = step // c_blocks
+        r = rs // S
+        s = rs % S
+        offs_c = (step % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        h = h_origin + r * dil_h
+        w = w_origin + s * dil_w
+        in_bounds = mask_m & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        a = tl.load(
+            (x_rows + h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c,
+            mask=in_bounds[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            (w_cols + r * sw_r + s * sw_s)[None, :] + offs_c[:, None] * sw_c,
+            mask=mask_c[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+    acc = acc + tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+    mask_out = mask_m[:, None] & mask_k[None, :]
+    if HAS_RESIDUAL:
+        res_rows = n * sr_n + p * sr_p + q * sr_q
+        residual = tl.load(res_ptr + res_rows[:, None] + offs_k[None, :] * sr_k, mask=mask_out, other=0.0)
+        acc = acc + residual.to(tl.float32)
+    if APPLY_RELU:
+        # where(), not maximum(): a NaN must stay NaN, as it does in torch.relu.
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    out_rows = n * so_n + p * so_p + q * so_q
+    tl.store(
+        out_ptr + out_rows[:, None] + offs_k[None, :] * so_k,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask_out,
+    )
+
+
+conv_bn_act_fwd_kernel = triton.autotune(
+    configs=_INTERPRETER_CONFIGS if _interpreting() else _ALL_GPU_CONFIGS,
+    key=["N", "C", "H", "W", "K", "stride_h", "stride_w", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_conv_bn_act_fwd_kernel)
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last in gives channels_last out, as PyTorch's own conv does."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    p = output_size(h, r, stride[0], padding[0], dilation[0])
+    q = output_size(w, s, stride[1], padding[1], dilation[1])
+    return torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("resnet_fused::conv_bn_act_triton", mutates_args=())
+def conv_bn_act_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    relu: bool,
+    allow_tf32: bool,
+) -> torch.Tensor:
+    """``act(conv(x, weight) · scale + shift [+ residual])`` through the Triton kernel.
+
+    Arguments are assumed validated (functional.check_conv_bn_act); ``scale=None`` means the
+    weight is already folded.
+    """
+    out = empty_output(x, weight, stride, padding, dilation)
+    if out.numel() == 0:
+        return out
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    _, _, p, q = out.shape
+    scale_arg = scale.float().contiguous() if scale is not None else shift
+    shift_arg = shift.float().contiguous()
+    res_arg = residual if residual is not None else out
+    largest = max(x.numel(), out.numel(), weight.numel())
+    grid = lambda meta: (triton.cdiv(n * p * q, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))  # noqa: E731
+    conv_bn_act_fwd_kernel[grid](
+        x, weight, scale_arg, shift_arg, res_arg, out,
+        n, c, h, w, k, p, q,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *x.stride(), *weight.stride(), *res_arg.stride(), *out.stride(),
+        R=r,
+        S=s,
+        HAS_SCALE=scale is not None,
+        HAS_RESIDUAL=residual is not None,
+        APPLY_RELU=relu,
+        INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
+        USE_INT64=largest > INT32_MAX,
+    )
+    return out
+
+
+@conv_bn_act_triton.register_fake
+def _(x, weight, scale, shift, residual, stride, padding, dilation, relu, allow_tf32):
+    return empty_output(x, weight, stride, padding, dilation)

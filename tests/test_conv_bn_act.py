@@ -1,0 +1,128 @@
+"""The Triton conv_bn_act kernel under TRITON_INTERPRET=1, against the unfused reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_low_precision_close, max_rel_error
+from resnet_fused import fold_batch_norm, reference
+from resnet_fused.functional import conv_bn_act
+from resnet_fused.ops import conv_bn_act as triton_op
+
+# (N, C, H, W, K, kernel, stride, padding, dilation): odd sizes, C and K not multiples of the
+# block sizes, and one case larger than a block in M, K and C so the tile loops wrap.
+SHAPES = {
+    "1x1": (2, 5, 7, 9, 6, 1, 1, 0, 1),
+    "1x1-stride2": (1, 7, 9, 11, 5, 1, 2, 0, 1),
+    "3x3": (2, 3, 7, 5, 4, 3, 1, 1, 1),
+    "3x3-stride2": (1, 6, 9, 7, 10, 3, 2, 1, 1),
+    "7x7-stem": (1, 3, 13, 11, 8, 7, 2, 3, 1),
+    "3x3-dilation2": (1, 4, 11, 9, 5, 3, 1, 2, 2),
+    "3x3-asymmetric": (1, 4, 8, 9, 3, 3, (2, 1), (1, 0), 1),
+    "multi-block": (2, 130, 5, 5, 131, 3, 1, 1, 1),
+}
+
+
+def make_case(shape, dtype, channels_last, with_residual, seed):
+    """Random conv + BatchNorm operands; BN stats far from the 0/1 defaults."""
+    n, c, h, w, k, ks, stride, padding, dilation = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    weight = torch.randn(k, c, ks, ks, generator=g) / (c * ks * ks) ** 0.5
+    bn = {
+        "bn_weight": torch.rand(k, generator=g) + 0.5,
+        "bn_bias": torch.randn(k, generator=g) * 0.3,
+        "running_mean": torch.randn(k, generator=g) * 0.3,
+        "running_var": torch.rand(k, generator=g) + 0.5,
+    }
+    conv_args = {"stride": stride, "padding": padding, "dilation": dilation}
+    probe = torch.nn.functional.conv2d(x, weight, **conv_args)
+    residual = torch.randn(probe.shape, generator=g) if with_residual else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(dtype).contiguous(memory_format=fmt)
+    if residual is not None:
+        residual = residual.to(dtype).contiguous(memory_format=fmt)
+    return x, weight.to(dtype), bn, residual, conv_args
+
+
+def exact_and_unfused(x, weight, bn, residual, conv_args, relu):
+    exact = reference.conv_bn_act(
+        x.double(), weight.double(), None, *(t.double() for t in bn.values()),
+        residual=None if residual is None else residual.double(), relu=relu, **conv_args,
+    )
+    unfused = reference.conv_bn_act(x, weight, None, *bn.values(), residual=residual, relu=relu, **conv_args)
+    return exact, unfused
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", SHAPES)
+def test_matches_reference(name, dtype, channels_last, with_residual, relu):
+    seed = list(SHAPES).index(name)
+    x, weight, bn, residual, conv_args = make_case(SHAPES[name], dtype, channels_last, with_residual, seed)
+    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
+    out = conv_bn_act(x, weight, scale, shift, residual, relu=relu, backend="triton", **conv_args)
+    exact, unfused = exact_and_unfused(x, weight, bn, residual, conv_args, relu)
+
+    assert out.dtype == dtype and out.shape == exact.shape
+    expected_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+    if dtype == torch.float32:
+        assert max_rel_error(out, exact) < 1e-5
+    else:
+        assert_low_precision_close(out, unfused, exact)
+
+
+def test_prefolded_weight_without_scale():
+    x, weight, bn, residual, conv_args = make_case(SHAPES["3x3"], torch.float32, True, True, 11)
+    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
+    folded = weight * scale.view(-1, 1, 1, 1)
+    out = conv_bn_act(x, folded, None, shift, residual, backend="triton", **conv_args)
+    exact, _ = exact_and_unfused(x, weight, bn, residual, conv_args, relu=True)
+    assert max_rel_error(out, exact) < 1e-5
+
+
+def test_int64_indexing_path_gives_the_same_result(monkeypatch):
+    """Tensors past 2**31 elements switch the kernel to 64-bit offsets; force that path on a
+    small case and check it computes the same thing."""
+    x, weight, bn, residual, conv_args = make_case(SHAPES["3x3-stride2"], torch.float32, False, True, 12)
+    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
+    expected = conv_bn_act(x, weight, scale, shift, residual, backend="triton", **conv_args)
+    monkeypatch.setattr(triton_op, "INT32_MAX", 0)
+    out = conv_bn_act(x, weight, scale, shift, residual, backend="triton", **conv_args)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_grouped_convolution_is_routed_to_reference():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 6, 7, 7, generator=g)
+    weight = torch.randn(4, 3, 3, 3, generator=g)
+    scale, shift = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    out = conv_bn_act(x, weight, scale, shift, padding=1, groups=2, backend="triton")
+    expected = reference.conv_affine_act(x, weight, scale, shift, padding=1, groups=2)
+    torch.testing.assert_close(out, expected)
+
+
+def test_relu_propagates_nan_like_torch():
+    x = torch.ones(1, 2, 3, 3)
+    x[0, 0, 1, 1] = float("nan")
+    weight = torch.ones(2, 2, 1, 1)
+    out = conv_bn_act(x, weight, None, torch.zeros(2), backend="triton")
+    assert torch.isnan(out[0, :, 1, 1]).all() and not torch.isnan(out[0, :, 0, 0]).any()
+
+
+def test_empty_batch_returns_empty_output():
+    x = torch.randn(0, 3, 5, 5)
+    out = conv_bn_act(x, torch.randn(4, 3, 3, 3), None, torch.zeros(4), padding=1, backend="triton")
+    assert out.shape == (0, 4, 5, 5)
+
+
+def test_custom_op_contract():
+    """torch.library.opcheck: schema, fake (meta) shapes and strides, and dispatch agree."""
+    x, weight, bn, residual, conv_args = make_case(SHAPES["3x3"], torch.float32, True, True, 14)
+    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
+    args = (x, weight, scale, shift, residual, [1, 1], [1, 1], [1, 1], True, False)
+    torch.library.opcheck(triton_op.conv_bn_act_triton, args)

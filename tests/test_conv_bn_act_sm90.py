@@ -1,0 +1,73 @@
+"""Every config the GPU autotuner may choose for conv_bn_act compiles for Hopper (sm_90) on
+this CPU machine: fp16/bf16 (and TF32) dots lower to wgmma, and ptxas reports no spills."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnet_fused.ops import conv_bn_act as triton_op
+from sm90 import Job, compile_for_hopper
+
+TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+KERNEL = "resnet_fused.ops.conv_bn_act:_conv_bn_act_fwd_kernel"
+INDEX_ARGS = (
+    "N", "C", "H", "W", "K", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+    "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
+)
+# What the JIT specializes at a real launch with a channels_last input, residual and output and
+# a (K, R, S, C) weight: unit channel strides become constants; 16-aligned pointers and
+# multiple-of-16 sizes and strides get divisibility hints (ResNet channel counts are such).
+UNIT_STRIDES = {"sx_c": 1, "sw_c": 1, "sr_k": 1, "so_k": 1}
+ALIGNED = (
+    "x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "out_ptr", "C", "K",
+    "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
+)
+
+
+def job(dtype, config, input_precision, use_int64=False):
+    element = "*" + TRITON_TYPE[dtype]
+    signature = {name: "i64" if use_int64 else "i32" for name in INDEX_ARGS}
+    signature.update(x_ptr=element, w_ptr=element, res_ptr=element, out_ptr=element, scale_ptr="*fp32", shift_ptr="*fp32")
+    constexprs = dict(
+        UNIT_STRIDES, R=3, S=3, HAS_SCALE=True, HAS_RESIDUAL=True, APPLY_RELU=True,
+        INPUT_PRECISION=input_precision, USE_INT64=use_int64, **config.kwargs,
+    )
+    return Job(KERNEL, signature, constexprs, config.num_warps, config.num_stages, ALIGNED)
+
+
+def cases():
+    # (dtype, input precision) x channels: 64 picks the wide BLOCK_C, 3 the thin one (the RGB
+    # stem); TF32 and IEEE fp32 are separate compilations; int64 indexing for fp16.
+    out = {}
+    for dtype, precision in ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+        for channels in (64, 3):
+            for config in triton_op.gpu_configs(dtype, channels):
+                tile = "x".join(str(v) for v in (*config.kwargs.values(), config.num_warps, config.num_stages))
+                out[f"{TRITON_TYPE[dtype]}-{precision}-C{channels}-{tile}"] = job(dtype, config, precision)
+    for config in triton_op.gpu_configs(torch.float16, 64):
+        out[f"fp16-int64-{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"] = job(torch.float16, config, "ieee", True)
+    return out
+
+
+CASES = cases()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """All cases in one child process (a few seconds each on two cores)."""
+    return dict(zip(CASES, compile_for_hopper(list(CASES.values()))))
+
+
+def test_autotuner_configs_are_the_tested_ones():
+    tested = {triton_op._config_id(c) for dtype in TRITON_TYPE for ch in (64, 3) for c in triton_op.gpu_configs(dtype, ch)}
+    assert tested == {triton_op._config_id(c) for c in triton_op._ALL_GPU_CONFIGS}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiles_for_hopper_without_spills(case, compiled):
+    result = compiled[case]
+    uses_tensor_cores = not case.startswith("fp32-ieee")
+    assert result.uses_wgmma == uses_tensor_cores
+    assert result.spill_store_bytes == 0 and result.spill_load_bytes == 0, result
+    assert result.shared_bytes <= 227 * 1024  # H100's per-block limit

@@ -1,0 +1,180 @@
+"""convert(): model surgery on torchvision ResNets and home-made models, every backend
+available here, eval and train mode, state_dict unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18, resnet50
+
+import resnet_fused
+from helpers import max_rel_error, randomize_batch_norms
+from resnet_fused import FoldedBatchNorm2d, FusedBasicBlock, FusedBottleneck, FusedConv2d
+
+BACKENDS = ["reference", "cpu", "triton"]  # triton runs under the interpreter here
+
+
+def build(factory, seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return randomize_batch_norms(factory(), g).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"resnet18": build(resnet18, 1), "resnet50": build(resnet50, 2)}
+
+
+def test_available_backends_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    # Fastest first; Triton only because the tests run it under the interpreter.
+    assert resnet_fused.available_backends() == ["triton", "cpu", "reference"]
+
+
+def assert_same_state(original: nn.Module, converted: nn.Module):
+    a, b = original.state_dict(), converted.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_resnet_eval(models, name, backend):
+    model = models[name]
+    converted = resnet_fused.convert(model, backend=backend)
+    assert_same_state(model, converted)
+    fused_convs = [m for m in converted.modules() if isinstance(m, FusedConv2d)]
+    assert len(fused_convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    blocks = FusedBasicBlock if name == "resnet18" else FusedBottleneck
+    assert sum(isinstance(m, blocks) for m in converted.modules()) == (8 if name == "resnet18" else 16)
+    x = torch.randn(1, 3, 32, 29, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, out = model(x), converted(x)
+    assert max_rel_error(out, expected) < 1e-4
+
+
+def test_channels_last_model(models):
+    model = models["resnet18"]
+    converted = resnet_fused.convert(model, backend="cpu").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 33, 31).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-4
+
+
+def test_train_mode_matches_the_original_exactly(models):
+    """Fused training is a later op; until then train mode runs the reference path, which
+    must reproduce the original outputs, gradients and BN running statistics bit for bit."""
+    model = build(resnet18, 4).train()
+    converted = resnet_fused.convert(model)
+    x = torch.randn(2, 3, 32, 32)
+    out_a, out_b = model(x), converted(x)
+    assert torch.equal(out_a, out_b)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), converted.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    assert_same_state(model, converted)  # running stats and num_batches_tracked updated alike
+
+
+def test_eval_with_autograd_recording_uses_the_differentiable_path(models):
+    model = models["resnet18"]
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    converted(x).sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_inplace_flag(models):
+    model = build(resnet18, 5)
+    copy = resnet_fused.convert(model)
+    assert copy is not model and not any(isinstance(m, FusedConv2d) for m in model.modules())
+    same = resnet_fused.convert(model, inplace=True)
+    assert same is model and any(isinstance(m, FusedConv2d) for m in model.modules())
+
+
+class HomeMadeBlock(nn.Module):
+    """A user's residual block: attribute names of their own, a functional ReLU, a shared
+    ReLU module, a BatchNorm whose output is used twice (fused, but no ReLU folded in) and a
+    conv whose output is used twice (cannot absorb its BatchNorm)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.stem_conv = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.stem_norm = nn.BatchNorm2d(c)
+        self.conv_a = nn.Conv2d(c, c, 3, padding=1)
+        self.norm_a = nn.BatchNorm2d(c)
+        self.conv_b = nn.Conv2d(c, c, 1)
+        self.norm_b = nn.BatchNorm2d(c)
+        self.conv_c = nn.Conv2d(c, c, 1)
+        self.norm_c = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+        self.head = nn.Sequential(nn.Conv2d(c, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        x = F.relu(self.stem_norm(self.stem_conv(x)))
+        y = self.act(self.norm_a(self.conv_a(x)))
+        z = self.norm_b(self.conv_b(y))
+        c = self.conv_c(z)
+        w = self.norm_c(c) + c
+        return self.head(self.act(w + x)) + z.mean()
+
+
+def test_home_made_model_chains():
+    model = build(lambda: HomeMadeBlock(6), 6)
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert_same_state(model, converted)
+    assert isinstance(converted.stem_conv, FusedConv2d) and converted.stem_conv.relu
+    assert isinstance(converted.stem_norm, FoldedBatchNorm2d)
+    assert isinstance(converted.conv_a, FusedConv2d) and converted.conv_a.relu
+    assert isinstance(converted.act, nn.ReLU)  # shared: stays, relu(relu(y)) == relu(y)
+    assert isinstance(converted.conv_b, FusedConv2d) and not converted.conv_b.relu
+    assert type(converted.conv_c) is nn.Conv2d and type(converted.norm_c) is nn.BatchNorm2d
+    assert isinstance(converted.head[0], FusedConv2d) and isinstance(converted.head[2], nn.Identity)
+    x = torch.randn(2, 3, 11, 13)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-5
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y  # not traceable: left unfused, still correct
+
+
+def test_untraceable_parent_is_left_alone():
+    model = build(DataDependent, 7)
+    converted = resnet_fused.convert(model)
+    assert type(converted.conv) is nn.Conv2d
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+def test_batch_norm_without_running_stats_uses_batch_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+def test_converted_model_saves_and_loads(tmp_path, models):
+    converted = resnet_fused.convert(models["resnet18"], backend="cpu")
+    torch.save(converted.state_dict(), tmp_path / "w.pt")
+    fresh = resnet18()
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), fresh.eval()(x)) < 1e-4

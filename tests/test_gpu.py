@@ -1,0 +1,114 @@
+"""GPU checks: the Triton kernel compiled for the real device and the CUDA op, against the
+unfused reference. Marked ``gpu``: skipped without CUDA or under TRITON_INTERPRET=1 (see
+conftest). Run by benchmarks/gpu_check.sh as ``TRITON_INTERPRET=0 pytest -m gpu``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import resnet18, resnet50
+
+import resnet_fused
+from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms
+from resnet_fused import fold_batch_norm, reference
+from test_conv_bn_act import SHAPES, make_case
+
+pytestmark = pytest.mark.gpu
+
+# ResNet-50 shapes at a small batch (N, C, H, W, K, kernel, stride, padding, dilation), with
+# channel counts that are multiples of 16 so the vectorized, wgmma-friendly paths are taken.
+RESNET_SHAPES = {
+    "stem": (2, 3, 56, 56, 64, 7, 2, 3, 1),
+    "1x1-256-64": (2, 256, 28, 28, 64, 1, 1, 0, 1),
+    "3x3-128": (2, 128, 28, 28, 128, 3, 1, 1, 1),
+    "3x3-256-stride2": (2, 256, 14, 14, 256, 3, 2, 1, 1),
+    "1x1-512-2048": (2, 512, 7, 7, 2048, 1, 1, 0, 1),
+}
+ALL_SHAPES = {**SHAPES, **RESNET_SHAPES}
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 references must not silently use TF32; tests that want TF32 turn it on."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def gpu_case(name, dtype, channels_last, with_residual):
+    x, weight, bn, residual, conv_args = make_case(ALL_SHAPES[name], torch.float32, channels_last, with_residual, 7)
+    to = dict(device="cuda")
+    x, weight = x.to(**to), weight.to(**to)
+    bn = {k: v.to(**to) for k, v in bn.items()}
+    residual = None if residual is None else residual.to(**to)
+    exact = reference.conv_bn_act(
+        x.double(), weight.double(), None, *(t.double() for t in bn.values()),
+        residual=None if residual is None else residual.double(), **conv_args,
+    )
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    unfused = reference.conv_bn_act(cast(x), cast(weight), None, *bn.values(), residual=cast(residual), **conv_args)
+    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
+    return cast(x), cast(weight), scale, shift, cast(residual), conv_args, exact, unfused
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("name", ALL_SHAPES)
+def test_op_matches_reference(name, dtype, channels_last, with_residual, backend):
+    x, weight, scale, shift, residual, conv_args, exact, unfused = gpu_case(name, dtype, channels_last, with_residual)
+    out = resnet_fused.conv_bn_act(x, weight, scale, shift, residual, backend=backend, **conv_args)
+    torch.cuda.synchronize()
+    assert out.dtype == dtype and out.shape == exact.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if dtype == torch.float32:
+        assert max_rel_error(out, exact) < 1e-5
+    else:
+        assert_low_precision_close(out, unfused, exact)
+
+
+@pytest.mark.parametrize("name", ["3x3-128", "1x1-512-2048", "7x7-stem"])
+def test_tf32_follows_the_cudnn_flag(name):
+    x, weight, scale, shift, residual, conv_args, exact, _ = gpu_case(name, torch.float32, True, True)
+    torch.backends.cudnn.allow_tf32 = True
+    out = resnet_fused.conv_bn_act(x, weight, scale, shift, residual, backend="triton", **conv_args)
+    unfused = reference.conv_affine_act(x, weight, scale, shift, residual, **conv_args)
+    assert_low_precision_close(out, unfused, exact)
+    assert max_rel_error(out, exact) < 5e-3
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_op_contracts_on_gpu(backend):
+    x, weight, scale, shift, residual, _, _, _ = gpu_case("3x3-128", torch.float16, True, True)
+    args = (x, weight, scale, shift, residual, [1, 1], [1, 1], [1, 1])
+    if backend == "triton":
+        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act_triton.default, (*args, True, False))
+    else:
+        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, (*args, 1, True))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+@pytest.mark.parametrize("factory", [resnet18, resnet50], ids=["resnet18", "resnet50"])
+def test_converted_resnet_fp32(factory, backend):
+    torch.manual_seed(1)
+    model = randomize_batch_norms(factory(), torch.Generator().manual_seed(1)).eval().cuda()
+    converted = resnet_fused.convert(model, backend=backend)
+    x = torch.randn(4, 3, 96, 96, device="cuda")
+    with torch.inference_mode():
+        assert max_rel_error(converted(x), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_converted_resnet50_half_channels_last(dtype):
+    torch.manual_seed(2)
+    model = randomize_batch_norms(resnet50(), torch.Generator().manual_seed(2)).eval().cuda()
+    x = torch.randn(8, 3, 128, 128, device="cuda")
+    with torch.inference_mode():
+        exact = model.double()(x.double())
+        model = model.to(dtype).to(memory_format=torch.channels_last)
+        x_low = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        unfused = model(x_low)
+        fused = resnet_fused.convert(model)(x_low)
+    assert_low_precision_close(fused, unfused, exact)
