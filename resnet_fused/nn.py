@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import backends, functional, reference
+from .ops.conv_bn_act import output_memory_format
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
@@ -74,21 +75,25 @@ class FusedConv2d(nn.Conv2d):
         backend = backends.resolve(self.backend, x.device)
         if backend == "reference":
             return reference.conv_bn_act_modules(x, self, bn, residual, self.relu)
-        weight, scale, shift = self._folded(backend)
+        weight, scale, shift = self._folded(backend, output_memory_format(x))
         return functional.conv_bn_act(
             x, weight, scale, shift, residual, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, relu=self.relu, backend=backend,
         )
 
-    def _folded(self, backend: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _folded(
+        self, backend: str, memory_format: torch.memory_format
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(weight, scale, shift) in the form ``backend`` wants, recomputed only when a
-        parameter or BN buffer has changed (version counter or storage)."""
+        parameter or BN buffer has changed (version counter or storage) or the activations'
+        memory format has: oneDNN and cuDNN want the weight in the input's layout, and would
+        otherwise copy it on every call."""
         bn = self.folded_bn
         sources = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         present = [t for t in sources if t is not None]
         key = None
         if not any(t.is_inference() for t in present):  # inference tensors have no version counter
-            key = (backend, bn.eps, *((t._version, t.data_ptr(), t.device, t.dtype) for t in present))
+            key = (backend, memory_format, bn.eps, *((t._version, t.data_ptr(), t.device, t.dtype) for t in present))
         if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
             return self._fold_cache[1]
         with torch.no_grad():
@@ -100,7 +105,7 @@ class FusedConv2d(nn.Conv2d):
                 folded = (self.weight.contiguous(memory_format=torch.channels_last), scale, shift)
             else:
                 weight = (self.weight.float() * scale.view(-1, 1, 1, 1)).to(self.weight.dtype)
-                folded = (weight, None, shift)
+                folded = (weight.contiguous(memory_format=memory_format), None, shift)
         if key is not None:
             self._fold_cache = (key, folded)
         return folded
