@@ -88,27 +88,31 @@ class FusedConv2d(nn.Conv2d):
         parameter or BN buffer has changed (version counter or storage) or the activations'
         memory format has: oneDNN and cuDNN want the weight in the input's layout, and would
         otherwise copy it on every call."""
+        if torch.compiler.is_compiling():
+            # Under torch.compile the fold is part of the graph (no cache lookups, which
+            # Dynamo cannot trace); Inductor fuses it into a few small kernels.
+            return self._fold(backend, memory_format)
         bn = self.folded_bn
         sources = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         present = [t for t in sources if t is not None]
-        key = None
-        if not any(t.is_inference() for t in present):  # inference tensors have no version counter
-            key = (backend, memory_format, bn.eps, *((t._version, t.data_ptr(), t.device, t.dtype) for t in present))
-        if key is not None and self._fold_cache is not None and self._fold_cache[0] == key:
-            return self._fold_cache[1]
+        if any(t.is_inference() for t in present):  # inference tensors have no version counter
+            return self._fold(backend, memory_format)
+        key = (backend, memory_format, bn.eps, *((t._version, t.data_ptr(), t.device, t.dtype) for t in present))
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            self._fold_cache = (key, self._fold(backend, memory_format))
+        return self._fold_cache[1]
+
+    def _fold(self, backend: str, memory_format: torch.memory_format):
+        bn = self.folded_bn
         with torch.no_grad():
             scale, shift = functional.fold_batch_norm(
                 self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
             )
             if backend == "triton":
                 # The kernel reads the reduction dimension C contiguously from (K, R, S, C).
-                folded = (self.weight.contiguous(memory_format=torch.channels_last), scale, shift)
-            else:
-                weight = (self.weight.float() * scale.view(-1, 1, 1, 1)).to(self.weight.dtype)
-                folded = (weight.contiguous(memory_format=memory_format), None, shift)
-        if key is not None:
-            self._fold_cache = (key, folded)
-        return folded
+                return self.weight.contiguous(memory_format=torch.channels_last), scale, shift
+            weight = (self.weight.float() * scale.view(-1, 1, 1, 1)).to(self.weight.dtype)
+            return weight.contiguous(memory_format=memory_format), None, shift
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, backend: str) -> tuple[FusedConv2d, FoldedBatchNorm2d]:

@@ -178,3 +178,14 @@ def test_converted_model_saves_and_loads(tmp_path, models):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert max_rel_error(converted(x), fresh.eval()(x)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_converted_model_compiles_in_one_graph(models, backend):
+    """torch.compile sees through the fused modules (custom ops with fake kernels; the fold
+    cache is bypassed while compiling), so there is no graph break."""
+    converted = resnet_fused.convert(models["resnet18"], backend=backend)
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_error(compiled(x), models["resnet18"](x)) < 1e-4

@@ -100,3 +100,15 @@ def test_bf16_model_on_cpu_backend():
         exact = model.double()(x.double())
         unfused = model.to(torch.bfloat16)(x.to(torch.bfloat16))
         assert_low_precision_close(fused(x.to(torch.bfloat16)), unfused, exact)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_op_under_inductor(backend):
+    x, weight, bn, residual, conv_args = make_case(SHAPES["3x3-stride2"], torch.float32, True, True, 123)
+    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
+
+    def fn(x, residual):
+        return resnet_fused.conv_bn_act(x, weight, scale, shift, residual, backend=backend, **conv_args)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(x, residual), fn(x, residual), rtol=0, atol=0)
