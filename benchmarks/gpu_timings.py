@@ -1,7 +1,7 @@
 """Fused vs unfused timings for every distinct ResNet-50 conv shape, and ResNet-50 end to end.
 
 Per conv shape (batch 64, fp16, channels_last, eval), side by side in one run:
-  - fused ops:  Triton conv_bn_act, and the C++ "cuda" op (cuDNN conv on folded weights + epilogue)
+  - fused ops:  Triton conv_bn_act, and the C++ "cuda" op (cuDNN conv + one BN/residual/ReLU pass)
   - unfused:    eager cuDNN conv → batch_norm → [+ residual] → relu
   - conv alone: eager cuDNN conv2d, the floor any fusion is measured against
 End to end: ResNet-50 eval (batch 256, fp16, channels_last), eager vs each fused backend.
@@ -31,7 +31,7 @@ import torchvision
 import triton
 
 import resnet_fused
-from resnet_fused import FusedConv2d, fold_batch_norm
+from resnet_fused import FusedConv2d
 from resnet_fused.bench import bench_model, fused_backends_for
 
 HERE = Path(__file__).resolve().parent
@@ -88,11 +88,9 @@ def time_shape(shape: dict, device, dtype, rounds: int, reps: int, buffers: int)
     weight = weight.contiguous(memory_format=fmt)
     mean, var = torch.randn(k, generator=g).to(device) * 0.1, (torch.rand(k, generator=g) + 0.5).to(device)
     gamma, beta = (torch.rand(k, generator=g) + 0.5).to(device), torch.randn(k, generator=g).to(device) * 0.1
-    scale, shift = fold_batch_norm(None, gamma, beta, mean, var, 1e-5)
     conv = dict(stride=shape["stride"], padding=shape["padding"])
     out_shape = F.conv2d(xs[0], weight, **conv).shape
     residuals = [torch.randn(out_shape, generator=g).to(device, dtype).contiguous(memory_format=fmt) for _ in range(buffers)] if shape["residual"] else [None] * buffers
-    folded = (weight.float() * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=fmt)
 
     def eager(i):
         y = F.conv2d(xs[i % buffers], weight, **conv)
@@ -105,14 +103,10 @@ def time_shape(shape: dict, device, dtype, rounds: int, reps: int, buffers: int)
         "eager conv+bn+act": eager,
         "conv alone": lambda i: F.conv2d(xs[i % buffers], weight, **conv),
     }
-    backends = fused_backends_for(device)
-    if "triton" in backends:
-        variants["fused triton"] = lambda i: resnet_fused.conv_bn_act(
-            xs[i % buffers], weight, scale, shift, residuals[i % buffers], relu=shape["relu"], backend="triton", **conv)
-    for name in ("cuda", "cpu"):
-        if name in backends:
-            variants[f"fused {name}"] = lambda i, name=name: resnet_fused.conv_bn_act(
-                xs[i % buffers], folded, None, shift, residuals[i % buffers], relu=shape["relu"], backend=name, **conv)
+    for name in fused_backends_for(device):
+        variants[f"fused {name}"] = lambda i, name=name: resnet_fused.conv_bn_act(
+            xs[i % buffers], weight, mean, var, bn_weight=gamma, bn_bias=beta, residual=residuals[i % buffers],
+            relu=shape["relu"], backend=name, **conv)
 
     run = timer(device)
     with torch.inference_mode():

@@ -1,26 +1,48 @@
 // Host-side driver of resnet_fused::conv_bn_act, shared by the CPU and CUDA
 // registrations; only the in-place epilogue differs per device.
 //
-//   out = act(conv2d(input, weight * scale[k]) + shift[k] [+ residual])
+//   out = act(conv2d(input, weight) * scale[k] + shift[k] [+ residual])
+//   scale = bn_weight / sqrt(running_var + eps)
+//   shift = bn_bias + (bias - running_mean) * scale
 //
 // The convolution itself goes to at::convolution (oneDNN on CPU, cuDNN on
-// CUDA) with BN folded into its weight and bias; the residual add and ReLU run
-// as one extra pass instead of two.
+// CUDA) without a bias; BN, residual add and ReLU run as one extra pass. scale
+// and shift come from the live BN tensors on every call: nothing is folded
+// into the weight or cached, so a changed parameter can never go stale.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/accumulate.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "epilogue.h"
+
 namespace resnet_fused {
 
-// out = act(out [+ residual]) in place. When given, residual has out's sizes
-// and strides, so both can be walked as flat arrays of out.numel() elements.
-using ConvBnActEpilogue = void (*)(at::Tensor& out, const std::optional<at::Tensor>& residual, bool relu);
+// The per-channel inputs of the epilogue, each contiguous and in out's
+// accumulation type (at::toOpMathType); an absent optional stays undefined.
+struct ChannelParams {
+  at::Tensor conv_bias, bn_weight, bn_bias, running_mean, running_var;
+  double eps;
+
+  template <typename acc_t>
+  BnParams<acc_t> pointers() const {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+    return {ptr(conv_bias), ptr(bn_weight), ptr(bn_bias), ptr(running_mean), ptr(running_var), static_cast<acc_t>(eps)};
+  }
+};
+
+// out = act(out * scale[k] + shift[k] [+ residual]) in place. out is dense:
+// contiguous NCHW (channel of flat index i is (i / (H*W)) % K) or, when
+// channels_last, NHWC (channel is i % K). When given, residual has out's
+// sizes and strides, so both can be walked as flat arrays.
+using ConvBnActEpilogue = void (*)(at::Tensor& out, const ChannelParams& bn, const std::optional<at::Tensor>& residual,
+                                   bool channels_last, bool relu);
 
 namespace detail {
 
@@ -39,8 +61,8 @@ inline void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
               min_value == 0 ? "non-negative" : "positive", ", got ", v);
 }
 
-// scale and shift: one value per output channel, any floating dtype (BN
-// buffers are often fp32 while the activations are half).
+// bias and the BN tensors: one value per output channel, any floating dtype
+// (BN buffers are often fp32 while the activations are half).
 inline void check_per_channel(const at::Tensor& t, const char* name, int64_t K, const at::Tensor& input) {
   check_device(t, name, input);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == K, "conv_bn_act: ", name,
@@ -49,10 +71,17 @@ inline void check_per_channel(const at::Tensor& t, const char* name, int64_t K, 
               " must be a floating tensor, got ", dtype_name(t.scalar_type()));
 }
 
+// Contiguous, in the accumulation type: a no-op for the usual fp32 BN buffers.
+inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+inline at::Tensor to_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? to_acc(*t, acc) : at::Tensor();
+}
+
 }  // namespace detail
 
-inline at::Tensor conv_bn_act(const at::Tensor& input, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& scale, const at::Tensor& shift,
+inline at::Tensor conv_bn_act(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                              const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                               bool relu, ConvBnActEpilogue epilogue) {
@@ -76,8 +105,12 @@ inline at::Tensor conv_bn_act(const at::Tensor& input, const at::Tensor& weight,
   detail::check_pair(stride, "stride", 1);
   detail::check_pair(padding, "padding", 0);
   detail::check_pair(dilation, "dilation", 1);
-  if (scale.has_value()) detail::check_per_channel(*scale, "scale", K, input);
-  detail::check_per_channel(shift, "shift", K, input);
+  if (bias.has_value()) detail::check_per_channel(*bias, "bias", K, input);
+  if (bn_weight.has_value()) detail::check_per_channel(*bn_weight, "bn_weight", K, input);
+  if (bn_bias.has_value()) detail::check_per_channel(*bn_bias, "bn_bias", K, input);
+  detail::check_per_channel(running_mean, "running_mean", K, input);
+  detail::check_per_channel(running_var, "running_var", K, input);
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "conv_bn_act: eps must be non-negative and finite, got ", eps);
 
   // Output size, checked here so a bad residual fails before any conv work.
   std::vector<int64_t> out_sizes{input.size(0), K, 0, 0};
@@ -105,30 +138,24 @@ inline at::Tensor conv_bn_act(const at::Tensor& input, const at::Tensor& weight,
     return at::empty(out_sizes, input.options().memory_format(fmt));
   }
 
-  at::Tensor w = weight;
-  if (scale.has_value()) {
-    // Fold in the accumulation type so half/bf16 weights round once, not twice.
-    const auto acc = at::toOpMathType(dtype);
-    w = (weight.to(acc) * scale->to(acc).view({K, 1, 1, 1})).to(dtype);
-  }
-  w = w.contiguous(fmt);
-  at::Tensor out = at::convolution(input, w, shift.to(dtype), stride, padding, dilation,
+  // The weight in the output's format too: a no-op when it already matches,
+  // and a weight-sized copy is cheaper than re-laying out the activation.
+  at::Tensor out = at::convolution(input, weight.contiguous(fmt), /*bias=*/std::nullopt, stride, padding, dilation,
                                    /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
   if (!out.is_contiguous(fmt)) out = out.contiguous(fmt);
 
-  if (residual.has_value() || relu) {
-    std::optional<at::Tensor> res;
-    if (residual.has_value()) {
-      res = *residual;
-      if (residual->strides() != out.strides()) {
-        // empty_like keeps out's exact strides (out is dense), so the flat
-        // epilogue pairs element i of out with element i of the residual.
-        res = at::empty_like(out);
-        res->copy_(*residual);
-      }
-    }
-    epilogue(out, res, relu);
+  std::optional<at::Tensor> res = residual;
+  if (residual.has_value() && residual->strides() != out.strides()) {
+    // empty_like keeps out's exact strides (out is dense), so the flat
+    // epilogue pairs element i of out with element i of the residual.
+    res = at::empty_like(out);
+    res->copy_(*residual);
   }
+  const auto acc = at::toOpMathType(dtype);
+  const ChannelParams bn{detail::to_acc(bias, acc),         detail::to_acc(bn_weight, acc),
+                         detail::to_acc(bn_bias, acc),      detail::to_acc(running_mean, acc),
+                         detail::to_acc(running_var, acc), eps};
+  epilogue(out, bn, res, channels_last, relu);
   return out;
 }
 

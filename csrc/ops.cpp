@@ -5,11 +5,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(resnet_fused, m) {
-  // out = act(conv2d(input, weight * scale[k]) + shift[k] [+ residual]), act = ReLU if relu.
-  // scale: None when weight is already BN-folded. scale/shift: (K,), any floating dtype.
-  // residual: the output's shape, input's dtype. Output keeps input's memory format.
+  // Eval-mode Conv2d -> BatchNorm2d [-> + residual] [-> ReLU] in one op:
+  //   out = act(conv2d(input, weight) * scale[k] + shift[k] [+ residual])
+  //   scale = bn_weight / sqrt(running_var + eps), shift = bn_bias + (bias - running_mean) * scale
+  // computed from the raw tensors on every call (nothing is folded or cached, so
+  // nothing goes stale). bias is the conv's; bn_weight/bn_bias None mean 1/0.
+  // Per-channel tensors: (K,), any floating dtype. residual: the output's shape,
+  // input's dtype. The output keeps input's memory format.
   m.def(
-      "conv_bn_act(Tensor input, Tensor weight, Tensor? scale, Tensor shift, Tensor? residual, "
+      "conv_bn_act(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor running_mean, Tensor running_var, float eps, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
 }
 

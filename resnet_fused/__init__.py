@@ -2,7 +2,7 @@
 
 from .backends import BACKENDS, available_backends
 from .convert import convert
-from .functional import conv_bn_act, fold_batch_norm
+from .functional import conv_bn_act
 from .nn import FoldedBatchNorm2d, FusedBasicBlock, FusedBottleneck, FusedConv2d
 
 __version__ = "0.1.0"
@@ -16,5 +16,4 @@ __all__ = [
     "available_backends",
     "conv_bn_act",
     "convert",
-    "fold_batch_norm",
 ]

@@ -22,7 +22,7 @@ except ImportError as error:  # not built, or built against another torch
 if BUILD_INFO is not None:
     # Shapes for torch.compile and opcheck; the C++ schema carries no shape function.
     @torch.library.register_fake("resnet_fused::conv_bn_act")
-    def _(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    def _(input, weight, bias, bn_weight, bn_bias, mean, var, eps, residual, stride, padding, dilation, groups, relu):
         return empty_output(input, weight, stride, padding, dilation)
 
 

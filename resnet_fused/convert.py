@@ -4,9 +4,15 @@ Two passes over the module tree:
 1. torchvision ``BasicBlock``/``Bottleneck`` (exact classes, whose forward we know) become
    ``FusedBasicBlock``/``FusedBottleneck``: the residual add + ReLU ride in the last conv.
 2. Anywhere else, a Conv2d → BatchNorm2d (→ ReLU) chain is fused only when tracing the parent's
-   forward (torch.fx, one level deep) proves the data really flows that way: each module called
-   once, the conv's output feeding only the BN and the BN's only the ReLU. A parent that cannot
-   be traced is left as it is — a missed fusion, never a wrong answer.
+   forward (torch.fx, one level deep, in eval *and* train mode) shows the data flowing that way
+   in both: each module called once, the conv's output feeding only the BN and the BN's only
+   the ReLU. A parent that cannot be traced is left as it is — a missed fusion, never a wrong
+   answer.
+
+Only plain modules are fused: exactly nn.Conv2d (zero padding given as numbers) and exactly
+nn.BatchNorm2d, without hooks or parametrizations; subclasses (frozen, synchronized or
+weight-standardized variants) may compute something else. What tracing cannot see, Python side
+effects in a forward (appending an intermediate tensor to a list), is not covered.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import backends
-from .nn import FusedBasicBlock, FusedBottleneck, fuse_conv_bn
+from .nn import FusedBasicBlock, FusedBottleneck, has_hooks, fuse_conv_bn, is_plain_batch_norm, is_plain_conv
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
 
@@ -38,6 +44,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     ``backend`` is ``"auto"`` (per call: Triton on CUDA tensors, the C++ op on CPU tensors) or
     one of ``available_backends()``. The result's ``state_dict()`` has exactly the original's
     keys and values, and its output matches the original's in eval and train mode alike.
+    With ``inplace=True`` the model's children are replaced in place; use the returned module
+    all the same (a model that is itself a ResNet block is replaced, not modified).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -47,7 +55,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     if not inplace:
         model = copy.deepcopy(model)
     blocks = _torchvision_blocks()
-    if type(model) in blocks:
+    if type(model) in blocks and _block_is_plain(model):
         return blocks[type(model)](model, backend)
     _replace_blocks(model, blocks, backend)
     for parent in list(model.modules()):
@@ -58,10 +66,31 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
 def _replace_blocks(parent: nn.Module, blocks: dict[type, type], backend: str) -> None:
     for name, child in parent.named_children():
         fused = blocks.get(type(child))
-        if fused is not None:
+        if fused is not None and _block_is_plain(child):
             setattr(parent, name, fused(child, backend))
         else:
             _replace_blocks(child, blocks, backend)
+
+
+def _block_is_plain(block: nn.Module) -> bool:
+    """A torchvision block whose convs, norms and shortcut are the stock modules its known
+    forward assumes; anything else is left to the generic chain pass."""
+    n = 3 if hasattr(block, "conv3") else 2
+    convs = [getattr(block, f"conv{i}") for i in range(1, n + 1)]
+    norms = [getattr(block, f"bn{i}") for i in range(1, n + 1)]
+    shortcut = block.downsample
+    plain_shortcut = shortcut is None or not any(
+        isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and not (is_plain_conv(m) or is_plain_batch_norm(m))
+        for m in shortcut.modules()
+    )
+    return (
+        not has_hooks(block)
+        and all(is_plain_conv(c) for c in convs)
+        and all(is_plain_batch_norm(b) and b.num_features == c.out_channels for b, c in zip(norms, convs))
+        and type(block.relu) is nn.ReLU
+        and not has_hooks(block.relu)
+        and plain_shortcut
+    )
 
 
 class _ChildrenAsLeaves(fx.Tracer):
@@ -83,39 +112,63 @@ def _is_relu(node: fx.Node, parent: nn.Module) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _fuse_chains(parent: nn.Module, backend: str) -> None:
-    if not any(type(child) is nn.Conv2d for child in parent.children()):
-        return
+def _chains(parent: nn.Module) -> dict[str, tuple[str, bool, str | None]] | None:
+    """conv target → (bn target, relu follows, ReLU module used only here) for the chains the
+    parent's forward shows in its current train/eval mode; None if it cannot be traced."""
     try:
         graph = _ChildrenAsLeaves().trace(parent)
     except Exception:  # data-dependent control flow and the like: leave this parent unfused
-        return
+        return None
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
 
-    def called_once(node: fx.Node, kind: type) -> bool:
+    def called_once(node: fx.Node, plain) -> bool:
         return (
             node.op == "call_module"
             and calls[node.target] == 1
-            and type(parent.get_submodule(node.target)) is kind
+            and plain(parent.get_submodule(node.target))
             and len(node.args) == 1
             and not node.kwargs
         )
 
+    found = {}
     for node in graph.nodes:
-        if not called_once(node, nn.Conv2d):
+        if not called_once(node, is_plain_conv):
             continue
         bn_node = _single_user(node)
-        if bn_node is None or not called_once(bn_node, nn.BatchNorm2d) or bn_node.args[0] is not node:
+        if bn_node is None or not called_once(bn_node, is_plain_batch_norm) or bn_node.args[0] is not node:
             continue
-        conv, bn = parent.get_submodule(node.target), parent.get_submodule(bn_node.target)
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or bn.num_features != conv.out_channels:
+        if parent.get_submodule(bn_node.target).num_features != parent.get_submodule(node.target).out_channels:
             continue
         relu_node = _single_user(bn_node)
         relu = relu_node is not None and relu_node.args[:1] == (bn_node,) and _is_relu(relu_node, parent)
-        fused_conv, folded_bn = fuse_conv_bn(conv, bn, relu, backend)
-        setattr(parent, node.target, fused_conv)
-        setattr(parent, bn_node.target, folded_bn)
-        # A ReLU module used only here is now redundant; a functional or shared ReLU stays,
+        # A ReLU module used only here becomes redundant; a functional or shared ReLU stays,
         # which is harmless because relu(relu(y)) == relu(y).
-        if relu and relu_node.op == "call_module" and calls[relu_node.target] == 1:
-            setattr(parent, relu_node.target, nn.Identity())
+        own_relu = relu_node.target if relu and relu_node.op == "call_module" and calls[relu_node.target] == 1 else None
+        found[node.target] = (bn_node.target, relu, own_relu)
+    return found
+
+
+def _fuse_chains(parent: nn.Module, backend: str) -> None:
+    if not any(is_plain_conv(child) for child in parent.children()):
+        return
+    # A forward may branch on self.training; a chain must hold in both modes.
+    modes = {m: m.training for m in parent.modules()}
+    try:
+        per_mode = [_chains(parent.train(mode)) for mode in (False, True)]
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if None in per_mode:
+        return
+    eval_chains, train_chains = per_mode
+    for conv_name, (bn_name, relu, own_relu) in eval_chains.items():
+        other = train_chains.get(conv_name)
+        if other is None or other[0] != bn_name:
+            continue
+        relu = relu and other[1]
+        own_relu = own_relu if relu and own_relu == other[2] else None
+        fused_conv, folded_bn = fuse_conv_bn(parent.get_submodule(conv_name), parent.get_submodule(bn_name), relu, backend)
+        setattr(parent, conv_name, fused_conv)
+        setattr(parent, bn_name, folded_bn)
+        if own_relu is not None:
+            setattr(parent, own_relu, nn.Identity())

@@ -1,11 +1,12 @@
 """Functional entry points of the fused ops: validate once, then dispatch to a backend.
 
-``conv_bn_act`` is the inference op: ``act(conv(x, weight)·scale + shift [+ residual])`` with
-BatchNorm's running statistics already folded into ``scale`` and ``shift`` (``fold_batch_norm``).
+``conv_bn_act`` is the inference op: ``act(batch_norm_eval(conv2d(x, weight) + bias)
+[+ residual])``, the BatchNorm applied from its running statistics inside the kernel.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,33 +26,11 @@ def _pair(value, name: str) -> list[int]:
     raise ValueError(f"conv_bn_act: {name} must be an int or a pair of ints, got {value!r}")
 
 
-def fold_batch_norm(
-    conv_bias: torch.Tensor | None,
-    bn_weight: torch.Tensor | None,
-    bn_bias: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 per-channel (scale, shift) with ``bn(conv(x) + b) == conv(x)·scale + shift``.
+def check_conv_bn_act(x, weight, per_channel: dict, eps, residual, stride, padding, dilation, groups) -> None:
+    """Raise a ValueError/TypeError naming the problem; never let a bad call reach a kernel.
 
-    scale = γ/√(σ²+ε); shift = β − μ·scale + b·scale. Computed in fp32 whatever the model's
-    dtype, so half-precision models do not round the statistics twice.
-    """
-    scale = torch.rsqrt(running_var.float() + eps)
-    if bn_weight is not None:
-        scale = scale * bn_weight.float()
-    shift = -running_mean.float() * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias.float()
-    if conv_bias is not None:
-        shift = shift + conv_bias.float() * scale
-    return scale, shift
-
-
-def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups) -> None:
-    """Raise a ValueError/TypeError naming the problem; never let a bad call reach a kernel."""
-    for name, t in (("input", x), ("weight", weight), ("shift", shift)):
+    ``per_channel`` maps names to the (K,) tensors (None where absent)."""
+    for name, t in (("input", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"conv_bn_act: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 4:
@@ -70,13 +49,16 @@ def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilati
             f"(weight {tuple(weight.shape)}, groups={groups}), got {x.shape[1]} channels"
         )
     k = weight.shape[0]
-    tensors = {"weight": weight, "shift": shift, "scale": scale, "residual": residual}
-    for name, t in tensors.items():
+    for name, t in {"weight": weight, **per_channel, "residual": residual}.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"conv_bn_act: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t is not None and t.device != x.device:
             raise ValueError(f"conv_bn_act: {name} is on {t.device} but input is on {x.device}")
-    for name, t in (("scale", scale), ("shift", shift)):
+    for name, t in per_channel.items():
         if t is not None and (t.dim() != 1 or t.shape[0] != k or not t.is_floating_point()):
             raise ValueError(f"conv_bn_act: {name} must be a 1-D float tensor of {k} channels, got {t.dtype} {tuple(t.shape)}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"conv_bn_act: eps must be a non-negative number, got {eps!r}")
     if any(s < 1 for s in stride) or any(p < 0 for p in padding) or any(d < 1 for d in dilation):
         raise ValueError(f"conv_bn_act: invalid stride={stride}, padding={padding}, dilation={dilation}")
     out_hw = [
@@ -96,10 +78,14 @@ def check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilati
 def conv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None = None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
     stride=1,
     padding=0,
     dilation=1,
@@ -107,21 +93,38 @@ def conv_bn_act(
     relu: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Inference: ``act(conv2d(x, weight)·scale + shift [+ residual])`` in one fused launch.
+    """Inference: ``act(batch_norm(conv2d(x, weight) + bias) [+ residual])`` in one fused op,
+    BatchNorm in eval mode (running statistics), ``act`` = ReLU when ``relu``.
 
-    ``scale=None`` means ``weight`` already carries the BatchNorm scale. fp32 inputs use TF32
-    exactly when ``torch.backends.cudnn.allow_tf32`` is set, as PyTorch's own convolution does.
+    fp32 inputs use TF32 exactly when PyTorch's own convolution would (cuDNN's TF32 setting).
     No autograd: callers that need gradients use ``reference`` (the fused modules do so).
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups)
+    per_channel = {"bias": bias, "bn_weight": bn_weight, "bn_bias": bn_bias,
+                   "running_mean": running_mean, "running_var": running_var}
+    if running_mean is None or running_var is None:
+        raise ValueError("conv_bn_act: running_mean and running_var are required (eval-mode BatchNorm)")
+    check_conv_bn_act(x, weight, per_channel, eps, residual, stride, padding, dilation, groups)
+    bn_args = (bias, bn_weight, bn_bias, running_mean, running_var, float(eps))
     chosen = backends.resolve(backend, x.device)
     if chosen == "triton" and groups == 1:
-        allow_tf32 = torch.backends.cudnn.allow_tf32
-        return conv_bn_act_triton(x, weight, scale, shift, residual, stride, padding, dilation, relu, allow_tf32)
+        return conv_bn_act_triton(x, weight, *bn_args, residual, stride, padding, dilation, relu, conv_allows_tf32())
     if chosen in ("cpu", "cuda"):
-        return torch.ops.resnet_fused.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+        return torch.ops.resnet_fused.conv_bn_act(x, weight, *bn_args, residual, stride, padding, dilation, groups, relu)
     # Grouped convolutions are not tiled by the Triton kernel: the plain-torch path is exact.
-    return reference.conv_affine_act(
-        x, weight, scale, shift, residual, stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu
+    return reference.conv_bn_act(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=eps, residual=residual,
+        relu=relu, stride=stride, padding=padding, dilation=dilation, groups=groups,
     )
+
+
+def conv_allows_tf32() -> bool:
+    """Whether PyTorch's own fp32 convolutions may use TF32 right now.
+
+    Reading the legacy ``cudnn.allow_tf32`` raises once a user has set the newer
+    ``cudnn.conv.fp32_precision``, so that one is consulted then.
+    """
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from . import backends, functional, reference
-from .ops.conv_bn_act import output_memory_format
 
 
 class FoldedBatchNorm2d(nn.BatchNorm2d):
@@ -59,60 +58,53 @@ class FusedConv2d(nn.Conv2d):
         object.__setattr__(self, "folded_bn", bn)
         self.relu = relu
         self.backend = backend
-        self._fold_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         bn = self.folded_bn
-        batch_stats = bn.training or bn.running_mean is None
-        recording = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, residual, self.weight, self.bias, bn.weight, bn.bias)
-        )
-        if batch_stats or recording or x.dtype == torch.float64:
+        if not self._fusable(x, residual):
             return reference.conv_bn_act_modules(x, self, bn, residual, self.relu)
         backend = backends.resolve(self.backend, x.device)
         if backend == "reference":
             return reference.conv_bn_act_modules(x, self, bn, residual, self.relu)
-        weight, scale, shift = self._folded(backend, output_memory_format(x))
+        # The live parameters and buffers on every call: nothing folded ahead of time, so an
+        # optimizer step, a load_state_dict or a write through .data is always seen.
         return functional.conv_bn_act(
-            x, weight, scale, shift, residual, stride=self.stride, padding=self.padding,
+            x, self.weight, bn.running_mean, bn.running_var, bias=self.bias, bn_weight=bn.weight,
+            bn_bias=bn.bias, eps=bn.eps, residual=residual, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, relu=self.relu, backend=backend,
         )
 
-    def _folded(
-        self, backend: str, memory_format: torch.memory_format
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(weight, scale, shift) in the form ``backend`` wants, recomputed only when a
-        parameter or BN buffer has changed (version counter or storage) or the activations'
-        memory format has: oneDNN and cuDNN want the weight in the input's layout, and would
-        otherwise copy it on every call."""
-        if torch.compiler.is_compiling():
-            # Under torch.compile the fold is part of the graph (no cache lookups, which
-            # Dynamo cannot trace); Inductor fuses it into a few small kernels.
-            return self._fold(backend, memory_format)
+    def _fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether the fused inference op computes what the unfused modules would here."""
         bn = self.folded_bn
-        sources = (self.weight, self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        present = [t for t in sources if t is not None]
-        if any(t.is_inference() for t in present):  # inference tensors have no version counter
-            return self._fold(backend, memory_format)
-        key = (backend, memory_format, bn.eps, *((t._version, t.data_ptr(), t.device, t.dtype) for t in present))
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, self._fold(backend, memory_format))
-        return self._fold_cache[1]
+        if bn.training or bn.running_mean is None:  # BatchNorm normalises with batch statistics
+            return False
+        if x.dtype == torch.float64 or torch.is_autocast_enabled(x.device.type):
+            # float64 has no fused kernel; under autocast the unfused modules pick per-op dtypes.
+            return False
+        tensors = (x, residual, self.weight, self.bias, bn.weight, bn.bias)
+        recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return not recording  # the fused op has no backward yet
 
-    def _fold(self, backend: str, memory_format: torch.memory_format):
-        bn = self.folded_bn
-        with torch.no_grad():
-            scale, shift = functional.fold_batch_norm(
-                self.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
-            )
-            if backend == "triton":
-                # The kernel reads the reduction dimension C contiguously from (K, R, S, C).
-                return self.weight.contiguous(memory_format=torch.channels_last), scale, shift
-            weight = (self.weight.float() * scale.view(-1, 1, 1, 1)).to(self.weight.dtype)
-            return weight.contiguous(memory_format=memory_format), None, shift
+
+def has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def is_plain_conv(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Conv2d
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+        and not has_hooks(module)
+    )
+
+
+def is_plain_batch_norm(module: nn.Module) -> bool:
+    return type(module) is nn.BatchNorm2d and not has_hooks(module)
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, backend: str) -> tuple[FusedConv2d, FoldedBatchNorm2d]:
@@ -128,8 +120,9 @@ def _fuse_downsample(downsample: nn.Module | None, backend: str) -> nn.Module | 
     if (
         isinstance(downsample, nn.Sequential)
         and len(downsample) == 2
-        and type(downsample[0]) is nn.Conv2d
-        and type(downsample[1]) is nn.BatchNorm2d
+        and is_plain_conv(downsample[0])
+        and is_plain_batch_norm(downsample[1])
+        and downsample[1].num_features == downsample[0].out_channels
     ):
         conv, bn = fuse_conv_bn(downsample[0], downsample[1], relu=False, backend=backend)
         return nn.Sequential(conv, bn)

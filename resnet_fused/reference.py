@@ -55,35 +55,6 @@ def conv_bn_act_modules(
     return add_act(y, residual, relu)
 
 
-def conv_affine_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor,
-    residual: torch.Tensor | None = None,
-    *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    relu: bool = True,
-) -> torch.Tensor:
-    """The fused ops' own contract, unfused: ``act(conv(x, weight)·scale + shift [+ residual])``.
-
-    Per-channel scale and shift are applied in fp32 (as the fused epilogues do) and the result
-    is cast back to the input dtype.
-    """
-    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).float()
-    if scale is not None:
-        y = y * scale.float().view(1, -1, 1, 1)
-    y = y + shift.float().view(1, -1, 1, 1)
-    if residual is not None:
-        y = y + residual.float()
-    if relu:
-        y = torch.relu(y)
-    return y.to(x.dtype)
-
-
 def add_act(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
     if residual is not None:
         y = y + residual

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import assert_low_precision_close, max_rel_error
-from resnet_fused import fold_batch_norm, reference
+from resnet_fused import reference
 from resnet_fused.functional import conv_bn_act
 from resnet_fused.ops import conv_bn_act as triton_op
 
@@ -46,6 +46,14 @@ def make_case(shape, dtype, channels_last, with_residual, seed):
     return x, weight.to(dtype), bn, residual, conv_args
 
 
+def fused(x, weight, bn, residual, conv_args, backend, relu=True, **extra):
+    """The functional op on a make_case() case."""
+    return conv_bn_act(
+        x, weight, bn["running_mean"], bn["running_var"], bn_weight=bn["bn_weight"], bn_bias=bn["bn_bias"],
+        residual=residual, relu=relu, backend=backend, **conv_args, **extra,
+    )
+
+
 def exact_and_unfused(x, weight, bn, residual, conv_args, relu):
     exact = reference.conv_bn_act(
         x.double(), weight.double(), None, *(t.double() for t in bn.values()),
@@ -63,8 +71,7 @@ def exact_and_unfused(x, weight, bn, residual, conv_args, relu):
 def test_matches_reference(name, dtype, channels_last, with_residual, relu):
     seed = list(SHAPES).index(name)
     x, weight, bn, residual, conv_args = make_case(SHAPES[name], dtype, channels_last, with_residual, seed)
-    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
-    out = conv_bn_act(x, weight, scale, shift, residual, relu=relu, backend="triton", **conv_args)
+    out = fused(x, weight, bn, residual, conv_args, "triton", relu)
     exact, unfused = exact_and_unfused(x, weight, bn, residual, conv_args, relu)
 
     assert out.dtype == dtype and out.shape == exact.shape
@@ -76,53 +83,70 @@ def test_matches_reference(name, dtype, channels_last, with_residual, relu):
         assert_low_precision_close(out, unfused, exact)
 
 
-def test_prefolded_weight_without_scale():
+def test_conv_bias_and_missing_affine():
+    """A conv bias rides in the shift; BatchNorm(affine=False) has no weight or bias."""
     x, weight, bn, residual, conv_args = make_case(SHAPES["3x3"], torch.float32, True, True, 11)
-    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
-    folded = weight * scale.view(-1, 1, 1, 1)
-    out = conv_bn_act(x, folded, None, shift, residual, backend="triton", **conv_args)
-    exact, _ = exact_and_unfused(x, weight, bn, residual, conv_args, relu=True)
+    bias = torch.randn(weight.shape[0])
+    out = conv_bn_act(x, weight, bn["running_mean"], bn["running_var"], bias=bias, eps=1e-3,
+                      residual=residual, backend="triton", **conv_args)
+    exact = reference.conv_bn_act(
+        x.double(), weight.double(), bias.double(), None, None, bn["running_mean"].double(),
+        bn["running_var"].double(), eps=1e-3, residual=residual.double(), **conv_args,
+    )
     assert max_rel_error(out, exact) < 1e-5
 
 
 def test_int64_indexing_path_gives_the_same_result(monkeypatch):
-    """Tensors past 2**31 elements switch the kernel to 64-bit offsets; force that path on a
-    small case and check it computes the same thing."""
+    """Tensors spanning past 2**31 elements switch the kernel to 64-bit offsets; force that
+    path on a small case and check it computes the same thing."""
     x, weight, bn, residual, conv_args = make_case(SHAPES["3x3-stride2"], torch.float32, False, True, 12)
-    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
-    expected = conv_bn_act(x, weight, scale, shift, residual, backend="triton", **conv_args)
+    expected = fused(x, weight, bn, residual, conv_args, "triton")
     monkeypatch.setattr(triton_op, "INT32_MAX", 0)
-    out = conv_bn_act(x, weight, scale, shift, residual, backend="triton", **conv_args)
+    out = fused(x, weight, bn, residual, conv_args, "triton")
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_int64_decision_uses_the_span_not_numel():
+    big = torch.empty_strided((2, 3, 4, 4), (2**31, 16, 4, 1), device="meta")  # 96 elements, huge span
+    assert big.numel() < triton_op.INT32_MAX < triton_op._span(big)
+
+
+def test_strided_views_and_broadcast_residual():
+    """Sliced inputs and a stride-0 (expanded) residual are read through their strides."""
+    x, weight, bn, _, conv_args = make_case(SHAPES["3x3"], torch.float32, True, False, 15)
+    wide = torch.randn(x.shape[0], x.shape[1] + 3, x.shape[2] + 2, x.shape[3])
+    view = wide[:, 2 : 2 + x.shape[1], 1 : 1 + x.shape[2]]
+    out_shape = torch.nn.functional.conv2d(view, weight, **conv_args).shape
+    residual = torch.randn(1, out_shape[1], 1, 1).expand(out_shape)
+    out = fused(view, weight, bn, residual, conv_args, "triton")
+    exact, _ = exact_and_unfused(view, weight, bn, residual, conv_args, relu=True)
+    assert max_rel_error(out, exact) < 1e-5
+
+
 def test_grouped_convolution_is_routed_to_reference():
-    g = torch.Generator().manual_seed(13)
-    x = torch.randn(1, 6, 7, 7, generator=g)
-    weight = torch.randn(4, 3, 3, 3, generator=g)
-    scale, shift = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
-    out = conv_bn_act(x, weight, scale, shift, padding=1, groups=2, backend="triton")
-    expected = reference.conv_affine_act(x, weight, scale, shift, padding=1, groups=2)
+    x, weight, bn, _, conv_args = make_case((1, 6, 7, 7, 4, 3, 1, 1, 1), torch.float32, False, False, 13)
+    weight = weight[:, :3].contiguous()
+    out = fused(x, weight, bn, None, conv_args, "triton", groups=2)
+    expected = reference.conv_bn_act(x, weight, None, *bn.values(), groups=2, **conv_args)
     torch.testing.assert_close(out, expected)
 
 
 def test_relu_propagates_nan_like_torch():
     x = torch.ones(1, 2, 3, 3)
     x[0, 0, 1, 1] = float("nan")
-    weight = torch.ones(2, 2, 1, 1)
-    out = conv_bn_act(x, weight, None, torch.zeros(2), backend="triton")
+    out = conv_bn_act(x, torch.ones(2, 2, 1, 1), torch.zeros(2), torch.ones(2), backend="triton")
     assert torch.isnan(out[0, :, 1, 1]).all() and not torch.isnan(out[0, :, 0, 0]).any()
 
 
 def test_empty_batch_returns_empty_output():
-    x = torch.randn(0, 3, 5, 5)
-    out = conv_bn_act(x, torch.randn(4, 3, 3, 3), None, torch.zeros(4), padding=1, backend="triton")
+    out = conv_bn_act(torch.randn(0, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.zeros(4), torch.ones(4), padding=1, backend="triton")
     assert out.shape == (0, 4, 5, 5)
 
 
 def test_custom_op_contract():
     """torch.library.opcheck: schema, fake (meta) shapes and strides, and dispatch agree."""
-    x, weight, bn, residual, conv_args = make_case(SHAPES["3x3"], torch.float32, True, True, 14)
-    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
-    args = (x, weight, scale, shift, residual, [1, 1], [1, 1], [1, 1], True, False)
-    torch.library.opcheck(triton_op.conv_bn_act_triton, args)
+    for channels_last in (True, False):
+        x, weight, bn, residual, _ = make_case(SHAPES["3x3"], torch.float32, channels_last, True, 14)
+        args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
+                residual, [1, 1], [1, 1], [1, 1], True, False)
+        torch.library.opcheck(triton_op.conv_bn_act_triton, args)

@@ -12,41 +12,50 @@ from sm90 import Job, compile_for_hopper
 TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 KERNEL = "resnet_fused.ops.conv_bn_act:_conv_bn_act_fwd_kernel"
 INDEX_ARGS = (
-    "N", "C", "H", "W", "K", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+    "M", "N", "C", "H", "W", "K", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
     "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
 )
-# What the JIT specializes at a real launch with a channels_last input, residual and output and
-# a (K, R, S, C) weight: unit channel strides become constants; 16-aligned pointers and
+# What the JIT specializes at a real launch (the launcher always passes channels_last input,
+# residual and output and a (K, R, S, C) weight): unit channel strides become constants; 16-aligned pointers and
 # multiple-of-16 sizes and strides get divisibility hints (ResNet channel counts are such).
 UNIT_STRIDES = {"sx_c": 1, "sw_c": 1, "sr_k": 1, "so_k": 1}
+PER_CHANNEL = ("bias_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr")
 ALIGNED = (
-    "x_ptr", "w_ptr", "scale_ptr", "shift_ptr", "res_ptr", "out_ptr", "C", "K",
+    "x_ptr", "w_ptr", *PER_CHANNEL, "res_ptr", "out_ptr", "C", "K",
     "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
 )
 
 
-def job(dtype, config, input_precision, use_int64=False):
+def job(dtype, config, input_precision, use_int64=False, kernel_size=3):
     element = "*" + TRITON_TYPE[dtype]
     signature = {name: "i64" if use_int64 else "i32" for name in INDEX_ARGS}
-    signature.update(x_ptr=element, w_ptr=element, res_ptr=element, out_ptr=element, scale_ptr="*fp32", shift_ptr="*fp32")
+    signature.update(x_ptr=element, w_ptr=element, res_ptr=element, out_ptr=element, eps="fp32")
+    signature.update({name: "*fp32" for name in PER_CHANNEL})
     constexprs = dict(
-        UNIT_STRIDES, R=3, S=3, HAS_SCALE=True, HAS_RESIDUAL=True, APPLY_RELU=True,
-        INPUT_PRECISION=input_precision, USE_INT64=use_int64, **config.kwargs,
+        UNIT_STRIDES, R=kernel_size, S=kernel_size, HAS_BIAS=True, HAS_BN_WEIGHT=True, HAS_BN_BIAS=True,
+        HAS_RESIDUAL=True, APPLY_RELU=True, INPUT_PRECISION=input_precision, USE_INT64=use_int64, **config.kwargs,
     )
     return Job(KERNEL, signature, constexprs, config.num_warps, config.num_stages, ALIGNED)
 
 
+def tile_name(config):
+    return "x".join(str(v) for v in (*config.kwargs.values(), config.num_warps, config.num_stages))
+
+
 def cases():
     # (dtype, input precision) x channels: 64 picks the wide BLOCK_C, 3 the thin one (the RGB
-    # stem); TF32 and IEEE fp32 are separate compilations; int64 indexing for fp16.
+    # stem); TF32 and IEEE fp32 are separate compilations. Then 1x1 and 7x7 kernels and int64
+    # indexing for the fp16 configs (ResNet's 1x1 convs, its stem, huge batches).
     out = {}
     for dtype, precision in ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")):
         for channels in (64, 3):
             for config in triton_op.gpu_configs(dtype, channels):
-                tile = "x".join(str(v) for v in (*config.kwargs.values(), config.num_warps, config.num_stages))
-                out[f"{TRITON_TYPE[dtype]}-{precision}-C{channels}-{tile}"] = job(dtype, config, precision)
+                out[f"{TRITON_TYPE[dtype]}-{precision}-C{channels}-{tile_name(config)}"] = job(dtype, config, precision)
     for config in triton_op.gpu_configs(torch.float16, 64):
-        out[f"fp16-int64-{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"] = job(torch.float16, config, "ieee", True)
+        out[f"fp16-1x1-{tile_name(config)}"] = job(torch.float16, config, "ieee", kernel_size=1)
+        out[f"fp16-int64-{tile_name(config)}"] = job(torch.float16, config, "ieee", use_int64=True)
+    for config in triton_op.gpu_configs(torch.float16, 3):
+        out[f"fp16-7x7-{tile_name(config)}"] = job(torch.float16, config, "ieee", kernel_size=7)
     return out
 
 

@@ -189,3 +189,72 @@ def test_converted_model_compiles_in_one_graph(models, backend):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert max_rel_error(compiled(x), models["resnet18"](x)) < 1e-4
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """Weight-standardized conv: an nn.Conv2d subclass computing something else."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def frozen_bn(n):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    bn = FrozenBatchNorm2d(n)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["frozen-bn", "standardized-conv", "reflect-padding", "bn-hook"],
+)
+def test_non_plain_modules_are_never_fused(variant):
+    """Blocks built from other modules than nn.Conv2d/nn.BatchNorm2d (detection backbones,
+    weight standardization, padding modes, hooks) stay as they were and compute the same."""
+    kwargs = {"norm_layer": frozen_bn} if variant == "frozen-bn" else {}
+    model = build(lambda: resnet18(**kwargs), 8)
+    block = model.layer1[0]
+    if variant == "standardized-conv":
+        conv = StandardizedConv2d(64, 64, 3, padding=1, bias=False)
+        conv.weight.data.copy_(block.conv1.weight)
+        block.conv1 = conv
+    if variant == "reflect-padding":
+        block.conv1.padding_mode = "reflect"
+    if variant == "bn-hook":
+        block.bn1.register_forward_hook(lambda module, args, out: out.clamp(max=0.5))
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert not isinstance(converted.layer1[0], FusedBasicBlock)
+    assert not isinstance(converted.layer1[0].conv1, FusedConv2d)
+    assert_same_state(model, converted)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-5
+
+
+class TrainOnlyTap(nn.Module):
+    """In training the forward also returns the pre-BN activation: the chain exists only in
+    eval mode, so fusing it would change train-mode outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = torch.relu(self.bn(y))
+        return (out, y) if self.training else out
+
+
+def test_chain_must_hold_in_train_and_eval_mode():
+    model = build(TrainOnlyTap, 9)
+    converted = resnet_fused.convert(model)
+    assert type(converted.conv) is nn.Conv2d
+    x = torch.randn(2, 3, 8, 8)
+    for a, b in zip(model.train()(x), converted.train()(x)):
+        assert torch.equal(a, b)

@@ -13,67 +13,73 @@ FUSED = ["cpu", "triton"]
 
 
 def operands(c=4, k=5):
-    return torch.randn(2, c, 6, 6), torch.randn(k, c, 3, 3), torch.rand(k) + 0.5, torch.randn(k)
+    """input, weight, running_mean, running_var"""
+    return torch.randn(2, c, 6, 6), torch.randn(k, c, 3, 3), torch.randn(k), torch.rand(k) + 0.5
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_wrong_channel_count(backend):
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
     with pytest.raises(ValueError, match="expected input with 4 channels.*got 3"):
-        resnet_fused.conv_bn_act(x[:, :3], w, scale, shift, backend=backend)
+        resnet_fused.conv_bn_act(x[:, :3], w, mean, var, backend=backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_three_dimensional_input(backend):
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
     with pytest.raises(ValueError, match="input must be 4-D.*got 3-D"):
-        resnet_fused.conv_bn_act(x[0], w, scale, shift, backend=backend)
+        resnet_fused.conv_bn_act(x[0], w, mean, var, backend=backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_integer_input(backend):
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
     with pytest.raises(TypeError, match="input dtype torch.int64 is not supported"):
-        resnet_fused.conv_bn_act(x.long(), w.long(), scale, shift, backend=backend)
+        resnet_fused.conv_bn_act(x.long(), w.long(), mean, var, backend=backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_mismatched_dtypes(backend):
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
     with pytest.raises(TypeError, match="input dtype torch.float16 does not match weight dtype torch.float32"):
-        resnet_fused.conv_bn_act(x.half(), w, scale, shift, backend=backend)
+        resnet_fused.conv_bn_act(x.half(), w, mean, var, backend=backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_mismatched_devices(backend):
     # "meta" stands in for a second device on a machine with one.
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
     with pytest.raises(ValueError, match="weight is on meta but input is on cpu"):
-        resnet_fused.conv_bn_act(x, w.to("meta"), scale, shift, backend=backend)
+        resnet_fused.conv_bn_act(x, w.to("meta"), mean, var, backend=backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_bad_residual_and_per_channel_shapes(backend):
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
     with pytest.raises(ValueError, match=r"residual shape \(2, 5, 5, 5\) != output shape \(2, 5, 4, 4\)"):
-        resnet_fused.conv_bn_act(x, w, scale, shift, torch.randn(2, 5, 5, 5), backend=backend)
-    with pytest.raises(ValueError, match="shift must be a 1-D float tensor of 5 channels"):
-        resnet_fused.conv_bn_act(x, w, scale, shift[:4], backend=backend)
+        resnet_fused.conv_bn_act(x, w, mean, var, residual=torch.randn(2, 5, 5, 5), backend=backend)
+    with pytest.raises(ValueError, match="running_var must be a 1-D float tensor of 5 channels"):
+        resnet_fused.conv_bn_act(x, w, mean, var[:4], backend=backend)
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        resnet_fused.conv_bn_act(x, w, mean, var, eps=-1.0, backend=backend)
 
 
 def test_kernel_larger_than_input():
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
     with pytest.raises(ValueError, match="too small for kernel"):
-        resnet_fused.conv_bn_act(x[:, :, :2, :2], w, scale, shift, backend="cpu")
+        resnet_fused.conv_bn_act(x[:, :, :2, :2], w, mean, var, backend="cpu")
 
 
 def test_cpp_op_checks_its_own_arguments():
     """Direct callers of torch.ops.resnet_fused.conv_bn_act bypass the Python checks."""
-    x, w, scale, shift = operands()
+    x, w, mean, var = operands()
+    op = torch.ops.resnet_fused.conv_bn_act
     with pytest.raises(RuntimeError, match="expected input with 4 channels"):
-        torch.ops.resnet_fused.conv_bn_act(x[:, :3], w, scale, shift, None, [1, 1], [0, 0], [1, 1], 1, True)
+        op(x[:, :3], w, None, None, None, mean, var, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, True)
     with pytest.raises(RuntimeError, match="input must be a 4-D"):
-        torch.ops.resnet_fused.conv_bn_act(x[0], w, scale, shift, None, [1, 1], [0, 0], [1, 1], 1, True)
+        op(x[0], w, None, None, None, mean, var, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, True)
+    with pytest.raises(RuntimeError, match="eps must be non-negative"):
+        op(x, w, None, None, None, mean, var, -1.0, None, [1, 1], [0, 0], [1, 1], 1, True)
 
 
 def test_unknown_and_unavailable_backends():

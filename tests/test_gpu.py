@@ -10,8 +10,8 @@ from torchvision.models import resnet18, resnet50
 
 import resnet_fused
 from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms
-from resnet_fused import fold_batch_norm, reference
-from test_conv_bn_act import SHAPES, make_case
+from resnet_fused import reference
+from test_conv_bn_act import SHAPES, fused, make_case
 
 pytestmark = pytest.mark.gpu
 
@@ -48,8 +48,7 @@ def gpu_case(name, dtype, channels_last, with_residual):
     )
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     unfused = reference.conv_bn_act(cast(x), cast(weight), None, *bn.values(), residual=cast(residual), **conv_args)
-    scale, shift = fold_batch_norm(None, *bn.values(), eps=1e-5)
-    return cast(x), cast(weight), scale, shift, cast(residual), conv_args, exact, unfused
+    return cast(x), cast(weight), bn, cast(residual), conv_args, exact, unfused
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -58,8 +57,8 @@ def gpu_case(name, dtype, channels_last, with_residual):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("name", ALL_SHAPES)
 def test_op_matches_reference(name, dtype, channels_last, with_residual, backend):
-    x, weight, scale, shift, residual, conv_args, exact, unfused = gpu_case(name, dtype, channels_last, with_residual)
-    out = resnet_fused.conv_bn_act(x, weight, scale, shift, residual, backend=backend, **conv_args)
+    x, weight, bn, residual, conv_args, exact, unfused = gpu_case(name, dtype, channels_last, with_residual)
+    out = fused(x, weight, bn, residual, conv_args, backend)
     torch.cuda.synchronize()
     assert out.dtype == dtype and out.shape == exact.shape
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -71,18 +70,19 @@ def test_op_matches_reference(name, dtype, channels_last, with_residual, backend
 
 @pytest.mark.parametrize("name", ["3x3-128", "1x1-512-2048", "7x7-stem"])
 def test_tf32_follows_the_cudnn_flag(name):
-    x, weight, scale, shift, residual, conv_args, exact, _ = gpu_case(name, torch.float32, True, True)
+    x, weight, bn, residual, conv_args, exact, _ = gpu_case(name, torch.float32, True, True)
     torch.backends.cudnn.allow_tf32 = True
-    out = resnet_fused.conv_bn_act(x, weight, scale, shift, residual, backend="triton", **conv_args)
-    unfused = reference.conv_affine_act(x, weight, scale, shift, residual, **conv_args)
+    out = fused(x, weight, bn, residual, conv_args, "triton")
+    unfused = reference.conv_bn_act(x, weight, None, *bn.values(), residual=residual, **conv_args)  # cuDNN TF32
     assert_low_precision_close(out, unfused, exact)
     assert max_rel_error(out, exact) < 5e-3
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_op_contracts_on_gpu(backend):
-    x, weight, scale, shift, residual, _, _, _ = gpu_case("3x3-128", torch.float16, True, True)
-    args = (x, weight, scale, shift, residual, [1, 1], [1, 1], [1, 1])
+    x, weight, bn, residual, _, _, _ = gpu_case("3x3-128", torch.float16, True, True)
+    args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
+            residual, [1, 1], [1, 1], [1, 1])
     if backend == "triton":
         torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act_triton.default, (*args, True, False))
     else:

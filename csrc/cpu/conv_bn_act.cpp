@@ -1,9 +1,12 @@
 // CPU kernel of resnet_fused::conv_bn_act: oneDNN convolution through the
-// shared driver, then one parallel pass for residual add + ReLU.
+// shared driver, then one parallel pass for BN + residual add + ReLU.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "conv_bn_act.h"
 #include "epilogue.h"
@@ -11,45 +14,80 @@
 namespace resnet_fused {
 namespace {
 
-// Large enough to amortize handing a chunk to a pool thread, small enough to
-// spread one ResNet-50 stage-1 activation (32x64x56x56) over 64+ cores.
+// Elements per task: large enough to amortize handing a chunk to a pool
+// thread, small enough to spread one ResNet-50 stage-1 activation
+// (32x64x56x56) over 64+ cores.
 constexpr int64_t kGrain = 32 * 1024;
 
-// kResidual/kRelu as template parameters make the loop body branch-free after
-// inlining, so -O3 vectorizes it.
-template <typename scalar_t, bool kResidual, bool kRelu>
-void epilogue_loop(scalar_t* out, const scalar_t* residual, int64_t n) {
+// out viewed as rows x cols: NCHW rows are (n, k) planes of cols = H*W pixels
+// (scale/shift constant along the row), channels_last rows are (n, h, w)
+// pixels of cols = K channels (scale/shift indexed by the column). Either way
+// the inner loop is contiguous and, with kResidual/kRelu as template
+// parameters, branch-free, so -O3 vectorizes it.
+template <typename scalar_t, bool kChannelsLast, bool kResidual, bool kRelu>
+void epilogue_loop(scalar_t* out, const scalar_t* residual, const at::opmath_type<scalar_t>* scale,
+                   const at::opmath_type<scalar_t>* shift, int64_t rows, int64_t cols, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16
-  at::parallel_for(0, n, kGrain, [=](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      acc_t r = acc_t(0);
-      if constexpr (kResidual) r = static_cast<acc_t>(residual[i]);
-      out[i] = static_cast<scalar_t>(residual_add_act<acc_t>(static_cast<acc_t>(out[i]), r, kResidual, kRelu));
-    }
-  });
-}
-
-void cpu_epilogue(at::Tensor& out, const std::optional<at::Tensor>& residual, bool relu) {
-  const int64_t n = out.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bn_act_cpu_epilogue", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    if (residual.has_value()) {
-      const scalar_t* r = residual->const_data_ptr<scalar_t>();
-      if (relu) {
-        epilogue_loop<scalar_t, true, true>(o, r, n);
-      } else {
-        epilogue_loop<scalar_t, true, false>(o, r, n);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [=](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      scalar_t* __restrict o = out + row * cols;
+      const scalar_t* __restrict r = kResidual ? residual + row * cols : nullptr;
+      const acc_t row_scale = kChannelsLast ? acc_t(0) : scale[row % K];
+      const acc_t row_shift = kChannelsLast ? acc_t(0) : shift[row % K];
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t s = kChannelsLast ? scale[j] : row_scale;
+        const acc_t b = kChannelsLast ? shift[j] : row_shift;
+        const acc_t res = kResidual ? static_cast<acc_t>(r[j]) : acc_t(0);
+        o[j] = static_cast<scalar_t>(bn_residual_act<acc_t>(static_cast<acc_t>(o[j]), s, b, res, kResidual, kRelu));
       }
-    } else if (relu) {
-      epilogue_loop<scalar_t, false, true>(o, nullptr, n);
     }
   });
 }
 
-at::Tensor conv_bn_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
-                           const at::Tensor& shift, const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
-  return conv_bn_act(input, weight, scale, shift, residual, stride, padding, dilation, groups, relu, &cpu_epilogue);
+template <typename scalar_t, bool kChannelsLast>
+void dispatch_flags(scalar_t* out, const scalar_t* residual, const at::opmath_type<scalar_t>* scale,
+                    const at::opmath_type<scalar_t>* shift, int64_t rows, int64_t cols, int64_t K, bool relu) {
+  if (residual != nullptr) {
+    if (relu) {
+      epilogue_loop<scalar_t, kChannelsLast, true, true>(out, residual, scale, shift, rows, cols, K);
+    } else {
+      epilogue_loop<scalar_t, kChannelsLast, true, false>(out, residual, scale, shift, rows, cols, K);
+    }
+  } else if (relu) {
+    epilogue_loop<scalar_t, kChannelsLast, false, true>(out, residual, scale, shift, rows, cols, K);
+  } else {
+    epilogue_loop<scalar_t, kChannelsLast, false, false>(out, residual, scale, shift, rows, cols, K);
+  }
+}
+
+void cpu_epilogue(at::Tensor& out, const ChannelParams& bn, const std::optional<at::Tensor>& residual,
+                  bool channels_last, bool relu) {
+  const int64_t N = out.size(0), K = out.size(1), PQ = out.size(2) * out.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bn_act_cpu_epilogue", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // K scale/shift pairs once per call, so the pass over N*K*H*W elements
+    // does one multiply-add each.
+    const BnParams<acc_t> p = bn.pointers<acc_t>();
+    std::vector<acc_t> scale(K), shift(K);
+    for (int64_t k = 0; k < K; ++k) bn_fold(p, k, scale[k], shift[k]);
+
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* r = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    if (channels_last) {
+      dispatch_flags<scalar_t, true>(o, r, scale.data(), shift.data(), N * PQ, K, K, relu);
+    } else {
+      dispatch_flags<scalar_t, false>(o, r, scale.data(), shift.data(), N * K, PQ, K, relu);
+    }
+  });
+}
+
+at::Tensor conv_bn_act_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                           const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                           const std::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups, bool relu) {
+  return conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride,
+                     padding, dilation, groups, relu, &cpu_epilogue);
 }
 
 }  // namespace

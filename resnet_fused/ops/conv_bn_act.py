@@ -1,24 +1,26 @@
-"""Triton ``conv_bn_act``: convolution + folded BatchNorm (+ residual) (+ ReLU) in one launch.
+"""Triton ``conv_bn_act``: convolution + eval-mode BatchNorm (+ residual) (+ ReLU) in one launch.
 
 Implicit GEMM: rows are output pixels ``m = (n, p, q)`` (M = N·P·Q), columns are output
 channels ``k`` (K), and the reduction runs over ``(r, s, c)`` (R·S·C). The input is never
 unfolded in memory; each program gathers its ``[BLOCK_M, BLOCK_C]`` input tile straight from
 the activation tensor with the padding expressed as a load mask.
 
-Epilogue, per output channel k, in fp32 before the single store:
-``out = act(acc · scale_k + shift_k [+ residual])`` with ``scale_k = γ_k/√(σ²_k+ε)`` and
-``shift_k = β_k − μ_k·scale_k (+ conv_bias_k·scale_k)``; ``scale`` may be omitted when the
-weight was folded beforehand.
+Epilogue, per output channel k, in fp32 before the single store, from the live BatchNorm
+tensors (nothing is folded or cached outside the kernel, so nothing can go stale):
+``scale_k = γ_k/√(σ²_k+ε)``, ``shift_k = β_k + (b_k − μ_k)·scale_k`` (b: the conv bias),
+``out = act(acc·scale_k + shift_k [+ residual])``.
 
-Every tensor is addressed through its strides, so NCHW and channels_last (NHWC) inputs,
-residuals and outputs need no layout conversion pass; channels_last is the fast layout because
-the reduction dimension C is then contiguous.
+The kernel addresses every tensor through its strides, but the launcher hands it channels_last
+(NHWC) activations and a (K, R, S, C) weight: with the reduction dimension C contiguous the
+loads vectorize and become asynchronous copies, while NCHW operands make every config spill
+registers on sm_90. NCHW callers pay a layout copy in and out; channels_last models pay nothing.
 
 Inference only: this op has no backward (the fused training path is a separate op).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -30,10 +32,11 @@ INT32_MAX = 2**31 - 1
 # Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may choose on a GPU, by
 # element size. BLOCK_M is a multiple of 64 and num_warps a multiple of 4 so that fp16/bf16 and
 # TF32 dots lower to Hopper wgmma; every one compiles for sm_90 without register spills
-# (tests/test_conv_bn_act_sm90.py). fp32 tiles are smaller: IEEE fp32 runs on FMA units and
-# holds both operands in registers.
+# (tests/test_conv_bn_act_sm90.py). No 128x128 tile at 8 warps: its epilogue's per-channel
+# vectors, replicated across the MMA layout, push it into spills. fp32 tiles are smaller: IEEE
+# fp32 runs on FMA units and holds both operands in registers.
 _GPU_TILES = {
-    2: ((128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)),
+    2: ((64, 256, 8, 3), (64, 128, 4, 4), (128, 64, 8, 4), (64, 64, 4, 4)),
     4: ((128, 64, 8, 2), (64, 64, 4, 3)),
 }
 # Reduction chunk over input channels: 16 for thin inputs (the RGB stem, C=3) so few lanes are
@@ -86,12 +89,17 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _conv_bn_act_fwd_kernel(
-    x_ptr,  # input (N, C, H, W), any strides (NCHW or NHWC in memory)
-    w_ptr,  # weight (K, C, R, S), any strides
-    scale_ptr,  # (K,) fp32 per-channel multiplier; read only when HAS_SCALE
-    shift_ptr,  # (K,) fp32 per-channel additive term (BN shift with the conv bias folded in)
+    x_ptr,  # input (N, C, H, W), any strides; channels_last from the launcher
+    w_ptr,  # weight (K, C, R, S), any strides; (K, R, S, C) in memory from the launcher
+    bias_ptr,  # (K,) conv bias, any float dtype; read only when HAS_BIAS
+    gamma_ptr,  # (K,) BatchNorm weight; read only when HAS_BN_WEIGHT
+    beta_ptr,  # (K,) BatchNorm bias; read only when HAS_BN_BIAS
+    mean_ptr,  # (K,) BatchNorm running mean
+    var_ptr,  # (K,) BatchNorm running variance
     res_ptr,  # residual (N, K, P, Q), any strides; read only when HAS_RESIDUAL
     out_ptr,  # output (N, K, P, Q), any strides; written once
+    eps,  # BatchNorm epsilon (fp32)
+    M,  # N·P·Q output pixels; an i64 argument when it passes 2**31
     N, C, H, W, K, P, Q,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
@@ -100,24 +108,27 @@ def _conv_bn_act_fwd_kernel(
     so_n, so_k, so_p, so_q,
     R: tl.constexpr,
     S: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_BN_WEIGHT: tl.constexpr,
+    HAS_BN_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     APPLY_RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only consulted for fp32 operands
-    USE_INT64: tl.constexpr,  # some tensor has more than 2**31-1 elements
+    USE_INT64: tl.constexpr,  # some tensor spans more than 2**31-1 elements
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if USE_INT64:
+        # Widen before multiplying: pid_m * BLOCK_M may pass 2**31 itself.
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * P * Q
+    mask_m = offs_m < M
     mask_k = offs_k < K
-    if USE_INT64:
-        offs_m = offs_m.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
     q = offs_m % Q
     p = (offs_m // Q) % P
     n = offs_m // (P * Q)
@@ -153,9 +164,17 @@ def _conv_bn_act_fwd_kernel(
         )
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
-    acc = acc + tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)[None, :]
+    # Eval-mode BatchNorm from its live tensors; the conv bias rides in the shift.
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + offs_k, mask=mask_k, other=1.0).to(tl.float32) + eps)
+    if HAS_BN_WEIGHT:
+        scale = scale * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    centre = -tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        centre = centre + tl.load(bias_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    shift = centre * scale
+    if HAS_BN_BIAS:
+        shift = shift + tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    acc = acc * scale[None, :] + shift[None, :]
     mask_out = mask_m[:, None] & mask_k[None, :]
     if HAS_RESIDUAL:
         res_rows = n * sr_n + p * sr_p + q * sr_q
@@ -174,7 +193,8 @@ def _conv_bn_act_fwd_kernel(
 
 conv_bn_act_fwd_kernel = triton.autotune(
     configs=_INTERPRETER_CONFIGS if _interpreting() else _ALL_GPU_CONFIGS,
-    key=["N", "C", "H", "W", "K", "stride_h", "stride_w", "HAS_RESIDUAL"],
+    # Everything that changes the work or the code path; dtypes are added by Triton itself.
+    key=["N", "C", "H", "W", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "HAS_RESIDUAL", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_conv_bn_act_fwd_kernel)
 
@@ -198,12 +218,22 @@ def empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilatio
     return torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
+def _span(t: torch.Tensor) -> int:
+    """1 + the largest element offset ``t`` addresses: its strides, not its numel, decide
+    whether 32-bit offsets suffice (a small view can reach far into a large buffer)."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 @torch.library.custom_op("resnet_fused::conv_bn_act_triton", mutates_args=())
 def conv_bn_act_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
     residual: torch.Tensor | None,
     stride: list[int],
     padding: list[int],
@@ -211,38 +241,50 @@ def conv_bn_act_triton(
     relu: bool,
     allow_tf32: bool,
 ) -> torch.Tensor:
-    """``act(conv(x, weight) · scale + shift [+ residual])`` through the Triton kernel.
+    """``act(bn(conv(x, weight) + bias) [+ residual])`` with eval-mode BatchNorm, one launch.
 
-    Arguments are assumed validated (functional.check_conv_bn_act); ``scale=None`` means the
-    weight is already folded.
+    Arguments are assumed validated (functional.check_conv_bn_act).
     """
     out = empty_output(x, weight, stride, padding, dilation)
     if out.numel() == 0:
         return out
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    weight_cl = weight.contiguous(memory_format=torch.channels_last)
+    res_cl = residual.contiguous(memory_format=torch.channels_last) if residual is not None else None
+    out_cl = out if out.is_contiguous(memory_format=torch.channels_last) else torch.empty_like(out, memory_format=torch.channels_last)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = out.shape
-    scale_arg = scale.float().contiguous() if scale is not None else shift
-    shift_arg = shift.float().contiguous()
-    res_arg = residual if residual is not None else out
-    largest = max(x.numel(), out.numel(), weight.numel())
+    res_arg = res_cl if res_cl is not None else out_cl
+    absent = running_mean  # placeholder pointer for optional tensors the kernel never reads
+    use_int64 = max(_span(t) for t in (x_cl, weight_cl, res_arg, out_cl)) > INT32_MAX
     grid = lambda meta: (triton.cdiv(n * p * q, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))  # noqa: E731
-    conv_bn_act_fwd_kernel[grid](
-        x, weight, scale_arg, shift_arg, res_arg, out,
-        n, c, h, w, k, p, q,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        *x.stride(), *weight.stride(), *res_arg.stride(), *out.stride(),
-        R=r,
-        S=s,
-        HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None,
-        APPLY_RELU=relu,
-        INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
-        USE_INT64=largest > INT32_MAX,
-    )
+    # Triton launches on the current device; make that the input's.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        conv_bn_act_fwd_kernel[grid](
+            x_cl, weight_cl,
+            bias if bias is not None else absent,
+            bn_weight if bn_weight is not None else absent,
+            bn_bias if bn_bias is not None else absent,
+            running_mean, running_var, res_arg, out_cl, float(eps),
+            n * p * q, n, c, h, w, k, p, q,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *x_cl.stride(), *weight_cl.stride(), *res_arg.stride(), *out_cl.stride(),
+            R=r,
+            S=s,
+            HAS_BIAS=bias is not None,
+            HAS_BN_WEIGHT=bn_weight is not None,
+            HAS_BN_BIAS=bn_bias is not None,
+            HAS_RESIDUAL=residual is not None,
+            APPLY_RELU=relu,
+            INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
+            USE_INT64=use_int64,
+        )
+    if out_cl is not out:
+        out.copy_(out_cl)
     return out
 
 
 @conv_bn_act_triton.register_fake
-def _(x, weight, scale, shift, residual, stride, padding, dilation, relu, allow_tf32):
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation, relu, allow_tf32):
     return empty_output(x, weight, stride, padding, dilation)
