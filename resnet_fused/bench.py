@@ -67,12 +67,16 @@ def bench_model(
     channels_last: bool,
     warmup: int,
     rounds: int,
+    with_compile: bool = False,
 ) -> list[Result]:
-    """Eager unfused ``model`` vs ``convert(model, backend=b)`` for each fused backend here."""
+    """Eager unfused ``model`` vs ``convert(model, backend=b)`` for each fused backend here,
+    and, with ``with_compile``, vs ``torch.compile(model)`` (Inductor's own fusions)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.eval().to(device=device, dtype=dtype, memory_format=memory_format)
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
     models = {"eager (unfused)": model}
+    if with_compile:
+        models["torch.compile (unfused)"] = torch.compile(model)
     models.update({f"fused: {b}": convert(model, backend=b) for b in fused_backends_for(device)})
     with torch.inference_mode():
         outputs = {name: m(x) for name, m in models.items()}

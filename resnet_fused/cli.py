@@ -48,7 +48,7 @@ def bench(args: argparse.Namespace) -> int:
     batch = args.batch or (64 if gpu else 8)
     dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
     channels_last = gpu if args.channels_last is None else args.channels_last
-    rounds = args.rounds or (50 if gpu else 10)
+    rounds = args.rounds or (50 if gpu else 20)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)()
     console = Console()
@@ -57,7 +57,7 @@ def bench(args: argparse.Namespace) -> int:
         f"{args.model} eval, batch {batch}, {args.size}x{args.size}, {args.dtype or str(dtype).removeprefix('torch.')}, "
         f"{'channels_last' if channels_last else 'NCHW'}, on {where}; median of {rounds} interleaved rounds"
     )
-    results = bench_model(model, batch, args.size, device, dtype, channels_last, args.warmup, rounds)
+    results = bench_model(model, batch, args.size, device, dtype, channels_last, args.warmup, rounds, args.compile)
     table = Table()
     for column in ("variant", "median ms", "img/s", "speedup", "max |diff|"):
         table.add_column(column, justify="left" if column == "variant" else "right")
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on GPU, fp32 on CPU")
     b.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None)
     b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--rounds", type=int, help="timed rounds per variant (default 50 GPU, 10 CPU)")
+    b.add_argument("--rounds", type=int, help="timed rounds per variant (default 50 GPU, 20 CPU)")
+    b.add_argument("--compile", action="store_true", help="also time torch.compile of the unfused model (compiles first: minutes on a CPU)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
