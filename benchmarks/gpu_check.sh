@@ -4,6 +4,8 @@
 # H100. The device machine has no package index: the install uses what is already there.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
+# The device machine's copy of the tree may lack .git: pass the commit in, e.g.
+#   GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh "$OUT"
 # Dry run on a CPU machine (GPU tests skip; timings on the CPU at toy sizes):
 #   TIMINGS_ARGS="--device cpu --batch 1 --size 64 --e2e-batch 1 --rounds 2 --reps 1" bash benchmarks/gpu_check.sh /tmp/gpu_check
 set -uo pipefail
@@ -18,7 +20,7 @@ step() { echo; echo "=== $* ($(( $(date +%s) - start )) s)"; }
 step "environment" | tee "$OUT/env.txt"
 {
   date -u +"%Y-%m-%d %H:%M UTC"
-  git rev-parse HEAD 2>/dev/null
+  echo "commit ${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   git status --porcelain --untracked-files=no 2>/dev/null | head -20
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
@@ -28,19 +30,21 @@ step "environment" | tee "$OUT/env.txt"
 step "build (pip install --no-build-isolation --no-deps -e .)"
 # Only the GPU present: compiling for it alone halves the nvcc time.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-if ! timeout 300 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if ! timeout 200 "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   echo "BUILD FAILED (tail of $OUT/build.log):"; tail -40 "$OUT/build.log"; status=1
 fi
 grep -A9 "resnet_fused build configuration" "$OUT/build.log" || true
 TRITON_INTERPRET=0 "$PY" -m resnet_fused.cli info 2>&1 | tee "$OUT/info.txt"
 
 step "GPU tests (pytest -m gpu)"
-TRITON_INTERPRET=0 timeout 240 "$PY" -m pytest tests -m gpu -q -rs -x --durations=10 \
+# One autotuner config per launch here (test_every_autotuner_config runs them all); SIGINT on
+# timeout so pytest still prints its summary and writes the junit file.
+TRITON_INTERPRET=0 RESNET_FUSED_AUTOTUNE=0 timeout -s INT -k 20 200 "$PY" -m pytest tests -m gpu -q -rs --durations=10 \
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "timings (ResNet-50 conv shapes, batch 64; end to end, batch 256)"
-TRITON_INTERPRET=0 timeout 240 "$PY" benchmarks/gpu_timings.py --out "$OUT" ${TIMINGS_ARGS:-} 2>&1 | tee "$OUT/timings.log"
+TRITON_INTERPRET=0 timeout -s INT -k 20 200 "$PY" benchmarks/gpu_timings.py --out "$OUT" ${TIMINGS_ARGS:-} 2>&1 | tee "$OUT/timings.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done, status $status"

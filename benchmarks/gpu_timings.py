@@ -124,12 +124,14 @@ def time_shape(shape: dict, device, dtype, rounds: int, reps: int, buffers: int)
 
 
 def environment(device) -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    except OSError:
-        commit = "unknown"
+    commit = os.environ.get("GIT_COMMIT", "")  # the device machine's copy may have no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+            commit += " (with uncommitted changes)" if commit and dirty else ""
+        except OSError:
+            commit = ""
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -162,6 +164,8 @@ def main() -> int:
 
     rows = []
     shapes = conv_shapes(args.batch, args.size)
+    # Rows are appended as they are measured, so a run cut short still leaves what it timed.
+    partial = open(args.out / "conv_shapes.partial.csv", "w", newline="")
     for i, shape in enumerate(shapes):
         result = time_shape(shape, device, dtype, args.rounds, args.reps, args.buffers)
         t = result["times"]
@@ -180,6 +184,10 @@ def main() -> int:
         }
         rows.append(row)
         print(f"[{i + 1}/{len(shapes)}] " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        partial.write(("" if i else ",".join(row) + "\n") + ",".join(str(v) for v in row.values()) + "\n")
+        partial.flush()
+    partial.close()
+    (args.out / "conv_shapes.partial.csv").unlink()
 
     with open(args.out / "conv_shapes.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

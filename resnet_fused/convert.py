@@ -54,42 +54,42 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
         raise ValueError(f"backend {backend!r} is not available here; available: {backends.available_backends()}")
     if not inplace:
         model = copy.deepcopy(model)
+    # A module registered under two names (or in two parents) is replaced in one slot only:
+    # such modules are never fused.
+    counts = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    shared = {key for key, count in counts.items() if count > 1}
     blocks = _torchvision_blocks()
-    if type(model) in blocks and _block_is_plain(model):
+    if type(model) in blocks and _block_is_plain(model, shared):
         return blocks[type(model)](model, backend)
-    _replace_blocks(model, blocks, backend)
+    _replace_blocks(model, blocks, shared, backend)
     for parent in list(model.modules()):
-        _fuse_chains(parent, backend)
+        _fuse_chains(parent, shared, backend)
     return model
 
 
-def _replace_blocks(parent: nn.Module, blocks: dict[type, type], backend: str) -> None:
+def _replace_blocks(parent: nn.Module, blocks: dict[type, type], shared: set[int], backend: str) -> None:
     for name, child in parent.named_children():
         fused = blocks.get(type(child))
-        if fused is not None and _block_is_plain(child):
+        if fused is not None and _block_is_plain(child, shared):
             setattr(parent, name, fused(child, backend))
         else:
-            _replace_blocks(child, blocks, backend)
+            _replace_blocks(child, blocks, shared, backend)
 
 
-def _block_is_plain(block: nn.Module) -> bool:
-    """A torchvision block whose convs, norms and shortcut are the stock modules its known
-    forward assumes; anything else is left to the generic chain pass."""
+def _block_is_plain(block: nn.Module, shared: set[int]) -> bool:
+    """A torchvision block whose convs and norms are the stock, unshared modules its known
+    forward assumes (its shortcut runs as it is unless it is a plain conv + BN pair); anything
+    else is left to the generic chain pass."""
     n = 3 if hasattr(block, "conv3") else 2
     convs = [getattr(block, f"conv{i}") for i in range(1, n + 1)]
     norms = [getattr(block, f"bn{i}") for i in range(1, n + 1)]
-    shortcut = block.downsample
-    plain_shortcut = shortcut is None or not any(
-        isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and not (is_plain_conv(m) or is_plain_batch_norm(m))
-        for m in shortcut.modules()
-    )
     return (
         not has_hooks(block)
+        and not any(id(m) in shared for m in block.modules())
         and all(is_plain_conv(c) for c in convs)
         and all(is_plain_batch_norm(b) and b.num_features == c.out_channels for b, c in zip(norms, convs))
         and type(block.relu) is nn.ReLU
         and not has_hooks(block.relu)
-        and plain_shortcut
     )
 
 
@@ -106,13 +106,15 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 def _is_relu(node: fx.Node, parent: nn.Module) -> bool:
     if node.op == "call_module":
-        return type(parent.get_submodule(node.target)) is nn.ReLU
+        # A hooked ReLU must see the BN output it always saw: it is not folded in.
+        module = parent.get_submodule(node.target)
+        return type(module) is nn.ReLU and not has_hooks(module)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _chains(parent: nn.Module) -> dict[str, tuple[str, bool, str | None]] | None:
+def _chains(parent: nn.Module, shared: set[int]) -> dict[str, tuple[str, bool, str | None]] | None:
     """conv target → (bn target, relu follows, ReLU module used only here) for the chains the
     parent's forward shows in its current train/eval mode; None if it cannot be traced."""
     try:
@@ -125,6 +127,7 @@ def _chains(parent: nn.Module) -> dict[str, tuple[str, bool, str | None]] | None
         return (
             node.op == "call_module"
             and calls[node.target] == 1
+            and id(parent.get_submodule(node.target)) not in shared
             and plain(parent.get_submodule(node.target))
             and len(node.args) == 1
             and not node.kwargs
@@ -143,18 +146,25 @@ def _chains(parent: nn.Module) -> dict[str, tuple[str, bool, str | None]] | None
         relu = relu_node is not None and relu_node.args[:1] == (bn_node,) and _is_relu(relu_node, parent)
         # A ReLU module used only here becomes redundant; a functional or shared ReLU stays,
         # which is harmless because relu(relu(y)) == relu(y).
-        own_relu = relu_node.target if relu and relu_node.op == "call_module" and calls[relu_node.target] == 1 else None
+        own_relu = (
+            relu_node.target
+            if relu
+            and relu_node.op == "call_module"
+            and calls[relu_node.target] == 1
+            and id(parent.get_submodule(relu_node.target)) not in shared
+            else None
+        )
         found[node.target] = (bn_node.target, relu, own_relu)
     return found
 
 
-def _fuse_chains(parent: nn.Module, backend: str) -> None:
+def _fuse_chains(parent: nn.Module, shared: set[int], backend: str) -> None:
     if not any(is_plain_conv(child) for child in parent.children()):
         return
     # A forward may branch on self.training; a chain must hold in both modes.
     modes = {m: m.training for m in parent.modules()}
     try:
-        per_mode = [_chains(parent.train(mode)) for mode in (False, True)]
+        per_mode = [_chains(parent.train(mode), shared) for mode in (False, True)]
     finally:
         for m, training in modes.items():
             m.training = training

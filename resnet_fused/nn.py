@@ -90,8 +90,15 @@ class FusedConv2d(nn.Conv2d):
         return not recording  # the fused op has no backward yet
 
 
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
 def has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    """Any per-module hook: a fused replacement would not call it (or not at the same point)."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
 def is_plain_conv(module: nn.Module) -> bool:
@@ -118,7 +125,8 @@ def _fuse_downsample(downsample: nn.Module | None, backend: str) -> nn.Module | 
     if downsample is None:
         return None
     if (
-        isinstance(downsample, nn.Sequential)
+        type(downsample) is nn.Sequential
+        and not has_hooks(downsample)
         and len(downsample) == 2
         and is_plain_conv(downsample[0])
         and is_plain_batch_norm(downsample[1])

@@ -150,3 +150,25 @@ def test_custom_op_contract():
         args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
                 residual, [1, 1], [1, 1], [1, 1], True, False)
         torch.library.opcheck(triton_op.conv_bn_act_triton, args)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_strided_per_channel_tensors(backend):
+    """BN tensors that are views with a stride (slices of a larger buffer) are read correctly."""
+    x, weight, bn, residual, conv_args = make_case(SHAPES["3x3"], torch.float32, True, True, 16)
+    k = weight.shape[0]
+    strided = {}
+    for name, t in bn.items():
+        buffer = torch.randn(2 * k)
+        buffer[::2] = t
+        strided[name] = buffer[::2]
+    bias_buffer = torch.randn(3 * k)
+    bias = bias_buffer[::3]
+    out = conv_bn_act(x, weight, strided["running_mean"], strided["running_var"], bias=bias,
+                      bn_weight=strided["bn_weight"], bn_bias=strided["bn_bias"], residual=residual,
+                      backend=backend, **conv_args)
+    exact = reference.conv_bn_act(
+        x.double(), weight.double(), bias.double(), *(t.double() for t in bn.values()),
+        residual=residual.double(), **conv_args,
+    )
+    assert max_rel_error(out, exact) < 1e-5

@@ -182,8 +182,8 @@ def test_converted_model_saves_and_loads(tmp_path, models):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_converted_model_compiles_in_one_graph(models, backend):
-    """torch.compile sees through the fused modules (custom ops with fake kernels; the fold
-    cache is bypassed while compiling), so there is no graph break."""
+    """torch.compile sees through the fused modules (custom ops with fake kernels), so there
+    is no graph break."""
     converted = resnet_fused.convert(models["resnet18"], backend=backend)
     compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
     x = torch.randn(1, 3, 32, 32)
@@ -258,3 +258,59 @@ def test_chain_must_hold_in_train_and_eval_mode():
     x = torch.randn(2, 3, 8, 8)
     for a, b in zip(model.train()(x), converted.train()(x)):
         assert torch.equal(a, b)
+
+
+class Aliased(nn.Module):
+    """The conv and the BatchNorm are each registered under two names; fx reports the first,
+    the forward uses the second. Replacing one slot would lose or double-apply the BN."""
+
+    def __init__(self):
+        super().__init__()
+        conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv_a, self.norm_old = conv, bn
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def test_modules_registered_twice_are_not_fused():
+    model = build(Aliased, 10)
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert not any(isinstance(m, FusedConv2d) for m in converted.modules())
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+class Shortcut(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize("kind", ["subclass", "hooked"])
+def test_shortcut_container_is_kept_when_not_a_plain_sequential(kind):
+    model = build(resnet18, 11)
+    block = model.layer2[0]
+    if kind == "subclass":
+        block.downsample = Shortcut(*block.downsample)
+    else:
+        block.downsample.register_forward_hook(lambda module, args, out: out * 2.0)
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert isinstance(converted.layer2[0], FusedBasicBlock)
+    assert type(converted.layer2[0].downsample) is type(block.downsample)  # its forward and hooks stay
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-5
+
+
+def test_modules_with_any_hook_kind_are_not_fused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    calls = []
+    model[0].register_full_backward_pre_hook(lambda module, grad: calls.append("conv"))
+    model[2].register_forward_hook(lambda module, args, out: calls.append("relu"))
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert type(converted[0]) is nn.Conv2d
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    converted(x).sum().backward()
+    assert calls == ["relu", "conv"]
