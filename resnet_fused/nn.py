@@ -6,9 +6,9 @@ stays registered in its old slot as a ``FoldedBatchNorm2d``: same parameters and
 forward passes the input through, because the fused conv has already applied it.
 
 In eval mode with running statistics, and with no gradient to record, the fused op runs. In
-every other case (training, ``track_running_stats=False``, autograd recording) the module
-computes exactly what the unfused modules compute, through ``reference`` — the seam where the
-fused training op will slot in.
+every other case (training, ``track_running_stats=False``, autograd recording, float64,
+autocast) the module computes exactly what the unfused modules compute, through
+``reference`` — the seam where the fused training op will slot in.
 """
 
 from __future__ import annotations
