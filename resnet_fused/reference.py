@@ -59,3 +59,80 @@ def add_act(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+# The pieces of a fused training unit, in plain torch: the specification each backend's
+# kernels implement (C++ ops in csrc/*/bn_act.*, Triton ops in ops/), and the 'reference'
+# kernel set of the training op. Per-channel statistics are in the input's accumulation type
+# (float32 for fp16/bf16/fp32, float64 for float64), reduced over (N, H, W).
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and *biased* variance of ``y`` (N, K, H, W)."""
+    var, mean = torch.var_mean(y.to(acc_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def bn_act_apply(y, mean, var, gamma, beta, eps: float, residual, relu: bool) -> torch.Tensor:
+    """``act((y - mean) / sqrt(var + eps) * gamma + beta [+ residual])`` in ``y``'s dtype and
+    memory format; ``gamma``/``beta`` None mean 1/0."""
+    acc = acc_dtype(y.dtype)
+    scale = 1.0 / torch.sqrt(var.to(acc) + eps)
+    if gamma is not None:
+        scale = scale * gamma.to(acc)
+    shift = -mean.to(acc) * scale
+    if beta is not None:
+        shift = shift + beta.to(acc)
+    z = y.to(acc) * scale[:, None, None] + shift[:, None, None]
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z.to(y.dtype)
+
+
+def bn_act_backward_reduce(grad_out, out, y, mean, var, eps: float, relu: bool):
+    """``(Σ g, Σ g·x̂)`` per channel, g = grad_out masked by ``out > 0`` when ``relu``,
+    x̂ = (y − mean)/√(var + ε): dβ and dγ."""
+    acc = acc_dtype(y.dtype)
+    g = _masked_grad(grad_out, out, relu).to(acc)
+    xhat = (y.to(acc) - mean.to(acc)[:, None, None]) / torch.sqrt(var.to(acc) + eps)[:, None, None]
+    return g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
+
+
+def bn_act_backward_apply(grad_out, out, y, mean, var, gamma, eps: float, sum_g, sum_g_xhat, count: int,
+                          training: bool, relu: bool, residual_grad: bool):
+    """``(dy, d_residual)``, both in ``y``'s dtype (d_residual None unless ``residual_grad``).
+
+    training (batch statistics, M = ``count`` values per channel):
+        dy = γ·invstd·(g − Σg/M − x̂·Σ(g·x̂)/M)
+    eval (running statistics are constants):
+        dy = γ·invstd·g
+    d_residual = g. ``sum_g``/``sum_g_xhat`` are ignored in eval.
+    """
+    acc = acc_dtype(y.dtype)
+    g = _masked_grad(grad_out, out, relu).to(acc)
+    invstd = 1.0 / torch.sqrt(var.to(acc) + eps)
+    scale = invstd if gamma is None else invstd * gamma.to(acc)
+    if training:
+        xhat = (y.to(acc) - mean.to(acc)[:, None, None]) * invstd[:, None, None]
+        g = g - (sum_g.to(acc) / count)[:, None, None] - xhat * (sum_g_xhat.to(acc) / count)[:, None, None]
+    dy = (g * scale[:, None, None]).to(y.dtype)
+    d_residual = _masked_grad(grad_out, out, relu).to(y.dtype) if residual_grad else None
+    return dy, d_residual
+
+
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """In place, as nn.BatchNorm2d in training: a ``momentum`` step towards the batch mean and
+    the *unbiased* batch variance (``var · M/(M−1)``, M = ``count``)."""
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+def _masked_grad(grad_out, out, relu: bool):
+    return torch.where(out > 0, grad_out, torch.zeros_like(grad_out)) if relu else grad_out
