@@ -96,4 +96,148 @@ RF_HOST_DEVICE inline acc_t bn_residual_act(acc_t y, acc_t scale, acc_t shift, a
   return residual_add_act(mul_rn(y, scale) + shift, residual, has_residual, apply_relu);
 }
 
+// ---------------------------------------------------------------------------
+// Training-mode BatchNorm (the bn_act ops, csrc/bn_act.h). Same conventions:
+// acc_t math, mul_rn wherever nvcc would otherwise fuse a multiply into the
+// next add, correctly rounded sqrt and division.
+
+// 1 / sqrt(var + eps), as torch computes invstd (not rsqrt: approximate on GPUs).
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t bn_invstd(acc_t var, acc_t eps) {
+  return acc_t(1) / sqrt_rn(var + eps);
+}
+
+// count values summarized by their mean and M2 = sum (y - mean)^2. The count
+// stays an integer: a float count stops being exact past 2^24 values.
+//
+// Chunk moments and their merges are kept in double for every input dtype.
+// A float chunk mean is only good to ulp(mean), and when |mean| >> std the
+// chunk means differ by about std / sqrt(chunk size), which can be that ulp
+// itself (mean 1000, std 0.01: both ~6e-5): Chan's between-chunk term
+// delta^2 * n_a n_b / n would then be mostly rounding (measured: 4e-5
+// relative error in var). It costs nothing: there is one Moments per chunk
+// and channel, and the per-element passes stay in acc_t.
+struct Moments {
+  double mean;
+  double m2;
+  int64_t count;
+};
+
+// Second pass over a cached chunk, given its first-pass mean m: d += y - m and
+// q += (y - m)^2. Squares of centred values never cancel, unlike the raw sum
+// of y^2 (E[y^2] - E[y]^2 loses every digit when |mean| >> std).
+template <typename acc_t>
+RF_HOST_DEVICE inline void centered_accumulate(acc_t y, acc_t m, acc_t& d, acc_t& q) {
+  const acc_t c = y - m;
+  d = d + c;
+  q = q + mul_rn(c, c);
+}
+
+// A chunk's moments from its first-pass mean m and the centred sums d, q over
+// count values: the corrected two-pass algorithm (Chan, Golub & LeVeque 1983).
+// m carries the rounding error of the first-pass sum; d/count is that error,
+// so mean = m + d/count is accurate (in double, finer than ulp(m)) and
+// q - d^2/count removes its effect on M2. The clamp keeps a rounding-negative
+// M2 at 0 and lets NaN through.
+template <typename acc_t>
+RF_HOST_DEVICE inline Moments chunk_moments(acc_t m, acc_t d, acc_t q, int64_t count) {
+  const double d_over_n = static_cast<double>(d) / static_cast<double>(count);
+  return {static_cast<double>(m) + d_over_n, relu(static_cast<double>(q) - mul_rn(static_cast<double>(d), d_over_n)),
+          count};
+}
+
+// Chan et al.'s parallel merge of two disjoint sets' moments:
+//   mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+// with delta = mean_b - mean_a. An empty side returns the other unchanged, so
+// an all-zero Moments is the identity of a reduction.
+RF_HOST_DEVICE inline Moments chan_merge(const Moments& a, const Moments& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const int64_t n = a.count + b.count;
+  const double nb_over_n = static_cast<double>(b.count) / static_cast<double>(n);
+  const double delta = b.mean - a.mean;
+  const double weight = mul_rn(static_cast<double>(a.count), nb_over_n);  // n_a * n_b / n
+  return {a.mean + mul_rn(delta, nb_over_n), (a.m2 + b.m2) + mul_rn(mul_rn(delta, delta), weight), n};
+}
+
+// Batch mean and biased variance M2 / count, rounded once to acc_t. No values
+// (count 0): NaN for both, as torch.var_mean of an empty reduction.
+template <typename acc_t>
+RF_HOST_DEVICE inline void moments_finalize(const Moments& m, acc_t& mean, acc_t& var) {
+  if (m.count == 0) {
+    mean = var = static_cast<acc_t>(NAN);  // math.h's NAN works in host and device code
+    return;
+  }
+  mean = static_cast<acc_t>(m.mean);
+  var = static_cast<acc_t>(m.m2 / static_cast<double>(m.count));
+}
+
+// g = dL/d(pre-activation): grad_out masked by out > 0 when the op had a
+// ReLU. A NaN out gives 0 (NaN > 0 is false), as torch's threshold_backward.
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t relu_grad(acc_t grad_out, acc_t out, bool apply_relu) {
+  return apply_relu ? (out > acc_t(0) ? grad_out : acc_t(0)) : grad_out;
+}
+
+// One element's share of the backward reductions: sum_g += g and
+// sum_gc += g * (y - mean). sum_gc * invstd is sum(g * xhat); multiplying once
+// per channel instead of per element saves a multiply per value.
+template <typename acc_t>
+RF_HOST_DEVICE inline void bn_backward_accumulate(acc_t g, acc_t y, acc_t mean, acc_t& sum_g, acc_t& sum_gc) {
+  sum_g = sum_g + g;
+  sum_gc = sum_gc + mul_rn(g, y - mean);
+}
+
+// sum(g * xhat) from the chunk-merged sum(g * (y - mean)) (kept in double like
+// the Moments merges): invstd applied once per channel.
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t bn_sum_g_xhat(double sum_gc, acc_t var, acc_t eps) {
+  return static_cast<acc_t>(sum_gc * static_cast<double>(bn_invstd(var, eps)));
+}
+
+// The per-channel constants of dy = scale * (g - mean_g - xhat * mean_g_xhat),
+// xhat = (y - mean) * invstd, scale = gamma * invstd, mean_g = sum_g / M,
+// mean_g_xhat = sum(g * xhat) / M (M = count values per channel). In eval the
+// statistics are constants, dy = scale * g, and the sums are not used.
+template <typename acc_t>
+struct BnBackwardCoeffs {
+  acc_t mean, invstd, scale, mean_g, mean_g_xhat;
+};
+
+template <typename acc_t>
+RF_HOST_DEVICE inline BnBackwardCoeffs<acc_t> bn_backward_coeffs(acc_t mean, acc_t var, acc_t gamma, acc_t eps,
+                                                                 acc_t sum_g, acc_t sum_g_xhat, acc_t count,
+                                                                 bool training) {
+  const acc_t invstd = bn_invstd(var, eps);
+  const acc_t mean_g = training ? sum_g / count : acc_t(0);
+  const acc_t mean_g_xhat = training ? sum_g_xhat / count : acc_t(0);
+  return {mean, invstd, mul_rn(invstd, gamma), mean_g, mean_g_xhat};
+}
+
+// dy for one element, in the reference's order of operations:
+//   training: (g - mean_g - xhat * mean_g_xhat) * scale;  eval: g * scale.
+// y is centred before any product, so a large mean costs no precision.
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t bn_backward_dy(acc_t g, acc_t y, acc_t mean, acc_t invstd, acc_t scale, acc_t mean_g,
+                                           acc_t mean_g_xhat, bool training) {
+  if (!training) return mul_rn(g, scale);
+  const acc_t xhat = mul_rn(y - mean, invstd);
+  return mul_rn((g - mean_g) - mul_rn(xhat, mean_g_xhat), scale);
+}
+
+// One running-statistic step, as nn.BatchNorm2d in training:
+//   running = momentum * batch + (1 - momentum) * running.
+// For the variance the caller passes batch = var * M / (M - 1), the unbiased
+// estimate (bn_unbiased_var).
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t running_stat_step(acc_t running, acc_t batch, acc_t momentum) {
+  return mul_rn(momentum, batch) + mul_rn(acc_t(1) - momentum, running);
+}
+
+// var * M / (M - 1) with the factor M / (M - 1) formed once by the caller.
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t bn_unbiased_var(acc_t var, acc_t bessel) {
+  return mul_rn(var, bessel);
+}
+
 }  // namespace resnet_fused

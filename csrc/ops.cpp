@@ -16,6 +16,40 @@ TORCH_LIBRARY(resnet_fused, m) {
       "conv_bn_act(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
       "Tensor running_mean, Tensor running_var, float eps, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+
+  // The pieces of a training-mode BatchNorm [+ residual] [+ ReLU] unit; the spec
+  // is reference.py (bn_stats ... update_running_stats), the driver csrc/bn_act.h.
+  // Activations (y, out, grad_out, residual): (N, K, H, W), one floating dtype;
+  // outputs keep y's dtype and memory format (channels_last iff y is
+  // channels_last-contiguous and not NCHW-contiguous). Per-channel outputs are
+  // (K,) in the accumulation type (float32, float64 for float64 y); per-channel
+  // inputs are (K,) of any floating dtype.
+  //
+  // Per-channel batch mean and *biased* variance over (N, H, W); deterministic
+  // and numerically stable (chunked two-pass moments merged with Chan's formula).
+  // Empty input: NaN, as torch.var_mean.
+  m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor var)");
+  // out = act((y - mean) / sqrt(var + eps) * gamma + beta [+ residual]); gamma/beta None mean 1/0.
+  m.def(
+      "bn_act_apply(Tensor y, Tensor mean, Tensor var, Tensor? gamma, Tensor? beta, float eps, "
+      "Tensor? residual, bool relu) -> Tensor");
+  // sum_g = sum(g), sum_g_xhat = sum(g * xhat) per channel (dbeta and dgamma), with
+  // g = grad_out masked by out > 0 when relu and xhat = (y - mean) / sqrt(var + eps).
+  m.def(
+      "bn_act_backward_reduce(Tensor grad_out, Tensor out, Tensor y, Tensor mean, Tensor var, float eps, "
+      "bool relu) -> (Tensor sum_g, Tensor sum_g_xhat)");
+  // dy = gamma * invstd * (g - sum_g / count - xhat * sum_g_xhat / count) in training, gamma * invstd * g
+  // in eval (the sums are then not read); d_residual = g, or an empty (0,) tensor unless residual_grad.
+  // count: values per channel behind the batch statistics (N*H*W, or more under SyncBatchNorm).
+  m.def(
+      "bn_act_backward_apply(Tensor grad_out, Tensor out, Tensor y, Tensor mean, Tensor var, Tensor? gamma, "
+      "float eps, Tensor sum_g, Tensor sum_g_xhat, int count, bool training, bool relu, bool residual_grad) "
+      "-> (Tensor dy, Tensor d_residual)");
+  // In place, as nn.BatchNorm2d in training: running_mean = (1 - momentum) * running_mean + momentum * mean,
+  // running_var = (1 - momentum) * running_var + momentum * var * count / (count - 1); count > 1.
+  m.def(
+      "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "int count, float momentum) -> ()");
 }
 
 // What this binary was built with, for `resnet-fused info` and bug reports:
