@@ -3,7 +3,8 @@
 Implicit GEMM: rows are output pixels ``m = (n, p, q)`` (M = N·P·Q), columns are output
 channels ``k`` (K), and the reduction runs over ``(r, s, c)`` (R·S·C). The input is never
 unfolded in memory; each program gathers its ``[BLOCK_M, BLOCK_C]`` input tile straight from
-the activation tensor with the padding expressed as a load mask.
+the activation tensor with the padding expressed as a load mask. The mainloop is
+``implicit_gemm.implicit_gemm_tile``, shared with the training-mode conv (``conv_bn_stats``).
 
 Epilogue, per output channel k, in fp32 before the single store, from the live BatchNorm
 tensors (nothing is folded or cached outside the kernel, so nothing can go stale):
@@ -26,6 +27,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from resnet_fused.ops.implicit_gemm import implicit_gemm_tile
 
 INT32_MAX = 2**31 - 1
 
@@ -124,50 +127,12 @@ def _conv_bn_act_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if USE_INT64:
-        # Widen before multiplying: pid_m * BLOCK_M may pass 2**31 itself.
-        pid_m = pid_m.to(tl.int64)
-        pid_n = pid_n.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
-    q = offs_m % Q
-    p = (offs_m // Q) % P
-    n = offs_m // (P * Q)
-    h_origin = p * stride_h - pad_h
-    w_origin = q * stride_w - pad_w
-    x_rows = x_ptr + n * sx_n
-    w_cols = w_ptr + offs_k * sw_k
-
-    # One flat loop over (r, s, channel block) rather than three nested ones, so the software
-    # pipeliner overlaps loads with dots even when C fits in a single block.
-    # (Plain arithmetic, not tl.cdiv: library @jit helpers cannot be compiled for sm_90 in the
-    # same process as the interpreter, which is how tests/test_conv_bn_act_sm90.py runs.)
-    c_blocks = (C + BLOCK_C - 1) // BLOCK_C
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(R * S * c_blocks):
-        rs = step // c_blocks
-        r = rs // S
-        s = rs % S
-        offs_c = (step % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        h = h_origin + r * dil_h
-        w = w_origin + s * dil_w
-        in_bounds = mask_m & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        a = tl.load(
-            (x_rows + h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c,
-            mask=in_bounds[:, None] & mask_c[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            (w_cols + r * sw_r + s * sw_s)[None, :] + offs_c[:, None] * sw_c,
-            mask=mask_c[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc, offs_m, offs_k, mask_m, mask_k, n, p, q = implicit_gemm_tile(
+        x_ptr, w_ptr, M, C, H, W, K, P, Q,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        sx_n, sx_c, sx_h, sx_w, sw_k, sw_c, sw_r, sw_s,
+        R, S, INPUT_PRECISION, USE_INT64, BLOCK_M, BLOCK_N, BLOCK_C,
+    )
 
     # Eval-mode BatchNorm from its live tensors; the conv bias rides in the shift. Correctly
     # rounded sqrt and division (tl.sqrt is approximate on NVIDIA) match torch.batch_norm and
