@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one script for a session lent a GPU: build, GPU tests, fused-vs-unfused timings.
+# The one script for a session lent a GPU: build, GPU tests, fused-vs-unfused timings
+# (inference per conv shape and end to end; a ResNet-50 training step).
 # Writes everything under $OUT (or the folder given as $1); finishes in under 8 minutes on an
 # H100. The device machine has no package index: the install uses what is already there.
 #
@@ -44,7 +45,12 @@ TRITON_INTERPRET=0 RESNET_FUSED_AUTOTUNE=0 timeout -s INT -k 20 200 "$PY" -m pyt
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "timings (ResNet-50 conv shapes, batch 64; end to end, batch 256)"
-TRITON_INTERPRET=0 timeout -s INT -k 20 200 "$PY" benchmarks/gpu_timings.py --out "$OUT" ${TIMINGS_ARGS:-} 2>&1 | tee "$OUT/timings.log"
+TRITON_INTERPRET=0 timeout -s INT -k 20 150 "$PY" benchmarks/gpu_timings.py --out "$OUT" ${TIMINGS_ARGS:-} 2>&1 | tee "$OUT/timings.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "training step (ResNet-50, batch 128, AMP fp16, channels_last): eager vs fused"
+TRITON_INTERPRET=0 timeout -s INT -k 20 100 "$PY" -m resnet_fused bench --mode train --model resnet50 --batch 128 \
+  --dtype fp16 --channels-last --rounds 10 --csv "$OUT/train_resnet50.csv" 2>&1 | tee "$OUT/train.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done, status $status"

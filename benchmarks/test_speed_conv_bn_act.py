@@ -70,3 +70,34 @@ def test_conv_bn_act_speed(benchmark, shape, variant):
     with torch.inference_mode():
         benchmark.extra_info["backend"] = backend if variant == "fused" else "eager"
         benchmark(eager if variant == "eager" else fused)
+
+
+@pytest.mark.parametrize("variant", ["eager", "fused"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_conv_bn_act_train_speed(benchmark, shape, variant):
+    """Forward (batch statistics, running-stat update) and backward of one training unit."""
+    device, dtype = device_and_dtype()
+    x, weight, (mean, var, gamma, beta), residual, conv = operands(SHAPES[shape], device, dtype)
+    backend = next(iter(fused_backends_for(device)), None)
+    if variant == "fused" and backend is None:
+        pytest.skip(f"no fused backend for {device}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for t in (x, weight, gamma, beta):
+        t.requires_grad_()
+    grad = torch.randn_like(F.conv2d(x.detach(), weight.detach(), **conv))
+
+    def eager():
+        y = F.batch_norm(F.conv2d(x, weight, **conv), mean, var, gamma, beta, True, 0.1, 1e-5)
+        out = torch.relu(y + residual if residual is not None else y)
+        out.backward(grad)
+        sync()
+
+    def fused():
+        out = resnet_fused.conv_batch_norm_act(
+            x, weight, mean, var, training=True, bn_weight=gamma, bn_bias=beta, residual=residual,
+            backend=backend, **conv)
+        out.backward(grad)
+        sync()
+
+    benchmark.extra_info["backend"] = backend if variant == "fused" else "eager"
+    benchmark(eager if variant == "eager" else fused)

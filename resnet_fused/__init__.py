@@ -2,18 +2,20 @@
 
 from .backends import BACKENDS, available_backends
 from .convert import convert
-from .functional import conv_bn_act
-from .nn import FoldedBatchNorm2d, FusedBasicBlock, FusedBottleneck, FusedConv2d
+from .functional import conv_batch_norm_act, conv_bn_act
+from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "FoldedBatchNorm2d",
+    "FoldedSyncBatchNorm",
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConv2d",
     "available_backends",
+    "conv_batch_norm_act",
     "conv_bn_act",
     "convert",
 ]

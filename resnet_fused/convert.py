@@ -114,6 +114,14 @@ def _is_relu(node: fx.Node, parent: nn.Module) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _is_inplace_relu(node: fx.Node, parent: nn.Module) -> bool:
+    if node.op == "call_module":
+        return parent.get_submodule(node.target).inplace
+    if node.op == "call_function":
+        return node.target is torch.relu_ or (node.target is F.relu and bool(node.kwargs.get("inplace", node.args[1:2] == (True,))))
+    return node.target == "relu_"
+
+
 def _chains(parent: nn.Module, shared: set[int]) -> dict[str, tuple[str, bool, str | None]] | None:
     """conv target → (bn target, relu follows, ReLU module used only here) for the chains the
     parent's forward shows in its current train/eval mode; None if it cannot be traced."""
@@ -145,7 +153,9 @@ def _chains(parent: nn.Module, shared: set[int]) -> dict[str, tuple[str, bool, s
         relu_node = _single_user(bn_node)
         relu = relu_node is not None and relu_node.args[:1] == (bn_node,) and _is_relu(relu_node, parent)
         # A ReLU module used only here becomes redundant; a functional or shared ReLU stays,
-        # which is harmless because relu(relu(y)) == relu(y).
+        # which is harmless because relu(relu(y)) == relu(y) -- unless it works in place: it
+        # would then overwrite the fused output that autograd keeps for the ReLU mask, so it
+        # is not folded and runs after the fused conv+BN as it ran after the BatchNorm.
         own_relu = (
             relu_node.target
             if relu
@@ -154,6 +164,8 @@ def _chains(parent: nn.Module, shared: set[int]) -> dict[str, tuple[str, bool, s
             and id(parent.get_submodule(relu_node.target)) not in shared
             else None
         )
+        if relu and own_relu is None and _is_inplace_relu(relu_node, parent):
+            relu = False
         found[node.target] = (bn_node.target, relu, own_relu)
     return found
 

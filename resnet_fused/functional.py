@@ -2,6 +2,9 @@
 
 ``conv_bn_act`` is the inference op: ``act(batch_norm_eval(conv2d(x, weight) + bias)
 [+ residual])``, the BatchNorm applied from its running statistics inside the kernel.
+``conv_batch_norm_act`` is the same unit with ``F.batch_norm``'s semantics in every mode and
+under autograd: batch statistics and running-statistics updates in training, gradients for
+every input; it takes the inference op when nothing needs either.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from collections.abc import Sequence
 import torch
 
 from . import backends, reference
-from .ops.conv_bn_act import conv_bn_act_triton
+from .ops.conv_bn_act import conv_bn_act_triton, output_size
+from .sync_batch_norm import SyncConvBatchNormAct, sync_group_size
+from .training import conv_bn_act_train, kernels
 
 # The dtypes the fused kernels compute in; float64 models run the reference path.
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -128,3 +133,86 @@ def conv_allows_tf32() -> bool:
         return bool(torch.backends.cudnn.allow_tf32)
     except RuntimeError:
         return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def conv_batch_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
+    track_running_stats: bool = True,
+    residual: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: str = "auto",
+    synchronize: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """``act(bn(conv2d(x, weight) + bias) [+ residual])`` exactly as an ``nn.Conv2d`` followed
+    by an ``nn.BatchNorm2d`` in the given mode would compute it, differentiable.
+
+    ``synchronize``: as ``nn.SyncBatchNorm`` with ``process_group`` (None: every process):
+    in training, under an initialized ``torch.distributed`` with more than one process, the
+    statistics are those of the global batch (sync_batch_norm.py); on CPU too.
+
+    As ``nn.BatchNorm2d.forward``: in training with ``track_running_stats``,
+    ``num_batches_tracked`` (when given) is incremented and the running statistics take a
+    ``momentum`` step (``momentum=None``: the cumulative average) towards the batch mean and
+    unbiased variance; batch statistics are used in training and whenever the running ones are
+    None. The running buffers are updated in place, outside autograd.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    per_channel = {"bias": bias, "bn_weight": bn_weight, "bn_bias": bn_bias,
+                   "running_mean": running_mean, "running_var": running_var}
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("conv_batch_norm_act: give both running_mean and running_var, or neither")
+    check_conv_bn_act(x, weight, per_channel, eps, residual, stride, padding, dilation, groups)
+    chosen = backends.resolve(backend, x.device)
+    # Which statistics, and whether to update the running ones: nn.BatchNorm2d's rules.
+    factor = 0.0 if momentum is None else momentum
+    if training and track_running_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+    batch_stats = training or running_mean is None
+    update = training and track_running_stats and running_mean is not None
+
+    tensors = (x, weight, bias, bn_weight, bn_bias, residual)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not batch_stats and not recording:
+        return conv_bn_act(x, weight, running_mean, running_var, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
+                           eps=eps, residual=residual, stride=stride, padding=padding, dilation=dilation,
+                           groups=groups, relu=relu, backend=chosen)
+
+    out_shape = (x.shape[0], weight.shape[0], *(
+        output_size(*dims) for dims in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)))
+    count = out_shape[0] * out_shape[2] * out_shape[3]
+    if synchronize and training and sync_group_size(process_group) > 1:
+        group = process_group if process_group is not None else torch.distributed.group.WORLD
+        out, mean, var, count = SyncConvBatchNormAct.apply(
+            x, weight, bias, bn_weight, bn_bias, residual, float(eps), stride, padding, dilation, groups, relu,
+            chosen, conv_allows_tf32(), group,
+        )
+    elif batch_stats and count == 1:
+        # F.batch_norm's own check and message (it sees the conv output's size).
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(out_shape)}")
+    else:
+        out, _, mean, var = conv_bn_act_train(
+            x, weight, bias, bn_weight, bn_bias, None if batch_stats else running_mean,
+            None if batch_stats else running_var, float(eps), residual, stride, padding, dilation, groups, relu,
+            chosen, conv_allows_tf32(),
+        )
+    if update and count > 0:  # an empty batch leaves the running statistics alone, as in torch
+        kernels(chosen).update_running_stats(running_mean, running_var, mean, var, count, float(factor))
+    return out
+

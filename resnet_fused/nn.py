@@ -5,10 +5,11 @@ State stays where the original model kept it, so ``state_dict()`` keys and value
 stays registered in its old slot as a ``FoldedBatchNorm2d``: same parameters and buffers, but its
 forward passes the input through, because the fused conv has already applied it.
 
-In eval mode with running statistics, and with no gradient to record, the fused op runs. In
-every other case (training, ``track_running_stats=False``, autograd recording, float64,
-autocast) the module computes exactly what the unfused modules compute, through
-``reference`` — the seam where the fused training op will slot in.
+Every BatchNorm mode runs fused: eval without gradients through the inference op
+(``conv_bn_act``); training, ``track_running_stats=False`` and eval with autograd recording
+(frozen-BN fine-tuning) through the training op (training.py), with nn.BatchNorm2d's running-
+statistics semantics; autocast casts as the unfused conv would. float64, the ``reference``
+backend and a residual whose dtype would promote run the unfused modules.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ from torch import nn
 from . import backends, functional, reference
 
 
+def _share_state(folded: nn.Module, bn: nn.Module) -> None:
+    """Make ``folded`` hold the very slots of ``bn``, None entries included:
+    BatchNorm2d(bias=False) has a weight and no bias, which the constructor cannot express on
+    every torch version."""
+    folded._parameters = dict(bn._parameters)
+    folded._buffers = dict(bn._buffers)
+    folded._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
+    folded.train(bn.training)
+
+
 class FoldedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d whose normalisation is applied by the ``FusedConv2d`` before it.
 
@@ -27,9 +38,20 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, bn: nn.BatchNorm2d):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
-        for name, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
-            setattr(self, name, tensor)
-        self.train(bn.training)
+        _share_state(self, bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FoldedSyncBatchNorm(nn.SyncBatchNorm):
+    """A SyncBatchNorm applied by the ``FusedConv2d`` before it, across the same process group;
+    holds the very same parameter and buffer tensors (and ``process_group``) as the original."""
+
+    def __init__(self, bn: nn.SyncBatchNorm):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                         bn.process_group, device="meta")
+        _share_state(self, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -39,8 +61,8 @@ class FusedConv2d(nn.Conv2d):
     """``act(bn(conv(x)) [+ residual])`` as one op; ``act`` is ReLU when ``relu`` is set."""
 
     def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool, backend: str = "auto"):
-        if not isinstance(bn, FoldedBatchNorm2d):
-            raise TypeError("FusedConv2d needs the FoldedBatchNorm2d that now holds the BatchNorm's state")
+        if not isinstance(bn, (FoldedBatchNorm2d, FoldedSyncBatchNorm)):
+            raise TypeError("FusedConv2d needs the FoldedBatchNorm2d/FoldedSyncBatchNorm that now holds the BatchNorm's state")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("FusedConv2d supports zero padding given as numbers, not padding_mode/'same'")
         if bn.num_features != conv.out_channels:
@@ -64,30 +86,38 @@ class FusedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         bn = self.folded_bn
-        if not self._fusable(x, residual):
-            return reference.conv_bn_act_modules(x, self, bn, residual, self.relu)
         backend = backends.resolve(self.backend, x.device)
-        if backend == "reference":
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # What autocast does to the unfused conv: inputs cast to its dtype; the BatchNorm
+            # then runs on that dtype with its own (fp32) parameters, statistics in fp32.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = _autocast(x, dtype), _autocast(weight, dtype)
+            bias = _autocast(bias, dtype) if bias is not None else None
+        if backend == "reference" or not self._fusable(x, weight, residual):
             return reference.conv_bn_act_modules(x, self, bn, residual, self.relu)
         # The live parameters and buffers on every call: nothing folded ahead of time, so an
         # optimizer step, a load_state_dict or a write through .data is always seen.
-        return functional.conv_bn_act(
-            x, self.weight, bn.running_mean, bn.running_var, bias=self.bias, bn_weight=bn.weight,
-            bn_bias=bn.bias, eps=bn.eps, residual=residual, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, groups=self.groups, relu=self.relu, backend=backend,
+        return functional.conv_batch_norm_act(
+            x, weight, bn.running_mean, bn.running_var, bias=bias, bn_weight=bn.weight, bn_bias=bn.bias,
+            training=bn.training, momentum=bn.momentum, eps=bn.eps,
+            num_batches_tracked=bn.num_batches_tracked if bn.track_running_stats else None,
+            track_running_stats=bn.track_running_stats, residual=residual, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups, relu=self.relu, backend=backend,
+            synchronize=isinstance(bn, FoldedSyncBatchNorm), process_group=getattr(bn, "process_group", None),
         )
 
-    def _fusable(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-        """Whether the fused inference op computes what the unfused modules would here."""
-        bn = self.folded_bn
-        if bn.training or bn.running_mean is None:  # BatchNorm normalises with batch statistics
-            return False
-        if x.dtype == torch.float64 or torch.is_autocast_enabled(x.device.type):
-            # float64 has no fused kernel; under autocast the unfused modules pick per-op dtypes.
-            return False
-        tensors = (x, residual, self.weight, self.bias, bn.weight, bn.bias)
-        recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        return not recording  # the fused op has no backward yet
+    def _fusable(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether a fused op computes what the unfused modules would here."""
+        if torch.float64 in (x.dtype, weight.dtype):
+            return False  # no fused kernel; other dtype errors are reported by functional.py
+        # The unfused add promotes (an fp32 residual lifts an autocast bf16 block output to fp32).
+        return residual is None or residual.dtype == x.dtype
+
+
+def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # autocast casts floating tensors other than float64 (cached_cast's eligibility rule).
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 _HOOK_DICTS = (
@@ -111,12 +141,12 @@ def is_plain_conv(module: nn.Module) -> bool:
 
 
 def is_plain_batch_norm(module: nn.Module) -> bool:
-    return type(module) is nn.BatchNorm2d and not has_hooks(module)
+    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not has_hooks(module)
 
 
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, backend: str) -> tuple[FusedConv2d, FoldedBatchNorm2d]:
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, backend: str) -> tuple[FusedConv2d, nn.Module]:
     """The pair of modules that replace ``conv`` and ``bn`` in their slots."""
-    folded = FoldedBatchNorm2d(bn)
+    folded = FoldedSyncBatchNorm(bn) if isinstance(bn, nn.SyncBatchNorm) else FoldedBatchNorm2d(bn)
     return FusedConv2d(conv, folded, relu, backend), folded
 
 

@@ -47,11 +47,11 @@ def conv_bn_act_modules(
     """Exactly what ``relu(bn(conv(x)) [+ residual])`` computes with these modules.
 
     The base classes' forward methods are called directly so that subclasses (the fused
-    modules themselves) get stock nn.Conv2d / nn.BatchNorm2d behaviour: padding modes, batch
+    modules themselves) get stock nn.Conv2d / nn.BatchNorm2d / nn.SyncBatchNorm behaviour: padding modes, batch
     statistics in training, running-stat updates, momentum=None averaging, num_batches_tracked.
     """
     y = nn.Conv2d.forward(conv, x)
-    y = nn.BatchNorm2d.forward(bn, y)
+    y = (nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d).forward(bn, y)
     return add_act(y, residual, relu)
 
 

@@ -13,10 +13,13 @@ def randomize_batch_norms(model: nn.Module, generator: torch.Generator | None = 
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.3)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.3)
+                if module.running_mean is not None:
+                    module.running_mean.copy_(torch.randn(n, generator=generator) * 0.3)
+                    module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                if module.weight is not None:
+                    module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                if module.bias is not None:
+                    module.bias.copy_(torch.randn(n, generator=generator) * 0.3)
     return model
 
 
@@ -24,6 +27,17 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a − e| / max |e|: one number per tensor, insensitive to near-zero elements."""
     assert not torch.isnan(actual).any(), "NaN in the result"
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_grads_close(actual: list[torch.Tensor], expected: list[torch.Tensor], tol: float):
+    """Each gradient within ``tol`` of the largest expected gradient entry: a gradient that is
+    exactly 0 in theory (a conv bias before batch statistics) is then held to rounding noise
+    rather than to a relative error of noise against noise."""
+    scale = max(e.double().abs().max().item() for e in expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, i
+        err = (a.double() - e.double()).abs().max().item()
+        assert err <= tol * scale, f"gradient {i}: error {err:.3g} > {tol} x {scale:.3g}"
 
 
 def assert_low_precision_close(fused: torch.Tensor, unfused: torch.Tensor, exact: torch.Tensor, factor: float = 2.0):
@@ -35,3 +49,32 @@ def assert_low_precision_close(fused: torch.Tensor, unfused: torch.Tensor, exact
     floor = torch.finfo(fused.dtype).eps * exact.abs().max().item()
     assert not torch.isnan(fused).any(), "NaN in the fused result"
     assert fused_err <= factor * unfused_err + floor, f"fused error {fused_err:.3g} > {factor} x unfused {unfused_err:.3g}"
+
+
+class TextbookBlock(nn.Module):
+    """The residual block as tutorials write it: Sequentials for conv+BN(+ReLU), the add and
+    the final ReLU in the block's own forward."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=True), nn.BatchNorm2d(c_out), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(self.conv1(x))
+        out += residual
+        return self.relu(out)
+
+
+def textbook_resnet(width: int = 8, num_classes: int = 5) -> nn.Module:
+    """A small ResNet of TextbookBlocks: stem, three stages (the last two strided), head."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        TextbookBlock(width, width), TextbookBlock(width, 2 * width, 2), TextbookBlock(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
+    )

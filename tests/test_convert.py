@@ -65,11 +65,11 @@ def test_channels_last_model(models):
         assert max_rel_error(converted(x), model(x)) < 1e-4
 
 
-def test_train_mode_matches_the_original_exactly(models):
-    """Fused training is a later op; until then train mode runs the reference path, which
-    must reproduce the original outputs, gradients and BN running statistics bit for bit."""
+def test_reference_backend_trains_exactly_like_the_original(models):
+    """The reference backend runs the unfused modules: outputs, gradients and BN running
+    statistics bit for bit (fused training: tests/test_training.py)."""
     model = build(resnet18, 4).train()
-    converted = resnet_fused.convert(model)
+    converted = resnet_fused.convert(model, backend="reference")
     x = torch.randn(2, 3, 32, 32)
     out_a, out_b = model(x), converted(x)
     assert torch.equal(out_a, out_b)
@@ -80,7 +80,7 @@ def test_train_mode_matches_the_original_exactly(models):
     assert_same_state(model, converted)  # running stats and num_batches_tracked updated alike
 
 
-def test_eval_with_autograd_recording_uses_the_differentiable_path(models):
+def test_eval_with_autograd_recording_is_differentiable(models):
     model = models["resnet18"]
     converted = resnet_fused.convert(model, backend="cpu")
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
@@ -88,7 +88,7 @@ def test_eval_with_autograd_recording_uses_the_differentiable_path(models):
     grad = x.grad.clone()
     x.grad = None
     model(x).sum().backward()
-    torch.testing.assert_close(grad, x.grad)
+    assert max_rel_error(grad, x.grad) < 1e-4
 
 
 def test_inplace_flag(models):

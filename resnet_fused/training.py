@@ -1,0 +1,222 @@
+"""Conv2d → BatchNorm2d [→ + residual] [→ ReLU] under autograd: the fused training unit.
+
+One functional op, ``resnet_fused::conv_bn_act_train``, with a registered backward
+(``register_autograd``) and fake kernel, so ``torch.compile(fullgraph=True)`` traces a whole
+training step. It covers both BatchNorm modes that need gradients:
+
+- batch statistics (``running_mean``/``running_var`` None: a BatchNorm in training, or one
+  without running statistics): y = conv(x); per-channel mean and biased variance of y;
+  out = act(γ·(y − mean)/√(var + ε) + β [+ residual]).
+- running statistics (frozen BatchNorm, e.g. ``model.eval()`` while fine-tuning): the same
+  apply pass with the running mean and variance as constants.
+
+It returns ``(out, y, mean, var)``; only ``out`` is differentiable. ``y`` (the conv output, in
+its storage dtype), ``mean`` and ``var`` are what the backward needs, and ``mean``/``var`` are
+what the caller folds into the running statistics with ``update_running_stats`` — a separate
+in-place op, because an op with a registered backward must be functional.
+
+Backward, with g = ∂L/∂out masked by ``out > 0`` when ``relu``, x̂ = (y − mean)·invstd:
+    dβ = Σ g,   dγ = Σ g·x̂                                   (one reduction pass)
+    batch statistics:   dy = γ·invstd·(g − Σg/M − x̂·Σ(g·x̂)/M)
+    running statistics: dy = γ·invstd·g
+    d residual = g                                             (one elementwise pass)
+then the convolution's input, weight and bias gradients from dy (ATen's
+``convolution_backward``). x̂ is recomputed from y, never stored. Work whose gradient nobody
+needs is skipped (the reduction pass, the residual gradient, the conv gradients).
+
+Each backend supplies the same five kernels (``Kernels``): C++ ops for ``cpu``/``cuda``
+(csrc/*/bn_act.*), Triton ops for ``triton`` (ops/conv_bn_stats.py, ops/bn_act.py), and the
+plain-torch specification in reference.py for ``reference``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .ops.conv_bn_act import empty_output, output_memory_format
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One backend's implementation of the training unit's pieces (semantics: reference.py)."""
+
+    # (x, weight, bias, stride, padding, dilation, groups, allow_tf32) -> (y, mean, var)
+    conv_stats: Callable
+    apply: Callable  # reference.bn_act_apply
+    backward_reduce: Callable  # reference.bn_act_backward_reduce
+    backward_apply: Callable  # reference.bn_act_backward_apply
+    update_running_stats: Callable  # reference.update_running_stats (in place)
+
+
+def _conv(x, weight, bias, stride, padding, dilation, groups):
+    """ATen's convolution (oneDNN / cuDNN), the weight in the input's memory format so the
+    output's format is the input's, as the fake kernel predicts."""
+    fmt = output_memory_format(x)
+    return torch.ops.aten.convolution(
+        x, weight.contiguous(memory_format=fmt), bias, stride, padding, dilation, False, [0, 0], groups
+    )
+
+
+def _reference_kernels() -> Kernels:
+    def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
+        y = _conv(x, weight, bias, stride, padding, dilation, groups)
+        return (y, *reference.bn_stats(y))
+
+    return Kernels(conv_stats, reference.bn_act_apply, reference.bn_act_backward_reduce,
+                   reference.bn_act_backward_apply, reference.update_running_stats)
+
+
+def _extension_kernels() -> Kernels:
+    """The C++ ops: registered for CPU and CUDA tensors alike, so one set serves both."""
+    ops = torch.ops.resnet_fused
+
+    def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
+        y = _conv(x, weight, bias, stride, padding, dilation, groups)
+        return (y, *ops.bn_stats(y))
+
+    return Kernels(conv_stats, ops.bn_act_apply, ops.bn_act_backward_reduce, ops.bn_act_backward_apply,
+                   ops.bn_update_running_stats_)
+
+
+def _triton_kernels() -> Kernels:
+    from .ops import bn_act, conv_bn_stats
+
+    def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
+        if groups == 1:
+            return conv_bn_stats.conv_bn_stats_triton(x, weight, bias, stride, padding, dilation, allow_tf32)
+        # Grouped convolutions are not tiled by the Triton conv: cuDNN's, then the statistics.
+        y = _conv(x, weight, bias, stride, padding, dilation, groups)
+        return (y, *reference.bn_stats(y))
+
+    return Kernels(conv_stats, bn_act.bn_act_apply_triton, bn_act.bn_act_backward_reduce_triton,
+                   bn_act.bn_act_backward_apply_triton, bn_act.bn_update_running_stats_triton_)
+
+
+_KERNEL_FACTORIES = {"reference": _reference_kernels, "cpu": _extension_kernels, "cuda": _extension_kernels,
+                     "triton": _triton_kernels}
+
+
+def kernels(backend: str) -> Kernels:
+    return _KERNEL_FACTORIES[backend]()
+
+
+@torch.library.custom_op("resnet_fused::conv_bn_act_train", mutates_args=())
+def conv_bn_act_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    backend: str,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, y, mean, var)``: batch statistics when ``running_mean``/``running_var`` are None,
+    else those running statistics. Arguments are assumed validated (functional.py)."""
+    k = kernels(backend)
+    acc = reference.acc_dtype(x.dtype)
+    if running_mean is None:
+        y, mean, var = k.conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32)
+    else:
+        y = _conv(x, weight, bias, stride, padding, dilation, groups)
+        # Copies: an op's outputs may not alias its inputs.
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    out = k.apply(y, mean, var, bn_weight, bn_bias, eps, residual, relu)
+    return out, y, mean, var
+
+
+@conv_bn_act_train.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation,
+      groups, relu, backend, allow_tf32):
+    out = empty_output(x, weight, stride, padding, dilation)
+    per_channel = x.new_empty(weight.shape[0], dtype=reference.acc_dtype(x.dtype))
+    return out, torch.empty_like(out), per_channel, torch.empty_like(per_channel)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, bn_weight, bn_bias, running_mean, _, eps, residual, stride, padding, dilation, groups, relu,
+     backend, _) = inputs
+    out, y, mean, var = output
+    ctx.mark_non_differentiable(y, mean, var)
+    # No zero-filled activation-sized gradients for the non-differentiable outputs.
+    ctx.set_materialize_grads(False)
+    # out only for the ReLU mask: without a ReLU the caller may update it in place
+    # (``out += residual``), as the unfused BatchNorm's output may be.
+    ctx.save_for_backward(x, weight, bn_weight, out if relu else None, y, mean, var)
+    ctx.conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, has_bias=bias is not None)
+    ctx.eps, ctx.relu, ctx.backend = eps, relu, backend
+    ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
+    ctx.batch_stats = running_mean is None
+    ctx.has_residual = residual is not None
+    ctx.count = y.shape[0] * y.shape[2] * y.shape[3]
+
+
+def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
+    if grad_out is None:  # the output did not reach the loss
+        return (None,) * 16
+    x, weight, bn_weight, out, y, mean, var = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = backward_unit(
+        kernels(ctx.backend), grad_out, x, weight, bn_weight, out, y, mean, var, ctx.eps, ctx.relu, ctx.batch_stats,
+        ctx.count, ctx.conv, need_input=need[0], need_weight=need[1], need_bias=need[2], need_gamma=need[3],
+        need_beta=need[4], need_residual=need[8] and ctx.has_residual,
+    )
+    dx, dw, db, dgamma, dbeta, dres = grads
+    if dbeta is not None:
+        dbeta = dbeta.to(ctx.beta_dtype)
+    return dx, dw, db, dgamma, dbeta, None, None, None, dres, None, None, None, None, None, None, None
+
+
+def backward_unit(k: Kernels, grad_out, x, weight, bn_weight, out, y, mean, var, eps, relu, batch_stats, count, conv,
+                  *, need_input, need_weight, need_bias, need_gamma, need_beta, need_residual, all_reduce=None):
+    """Gradients of one unit: ``(dx, dw, d_conv_bias, dγ, dβ, d_residual)``, None where not needed.
+
+    ``all_reduce``, when given, sums the per-channel (Σg, Σg·x̂) over processes for dy
+    (SyncBatchNorm); ``count`` is then the global number of values per channel."""
+    grad_out = grad_out.contiguous(memory_format=output_memory_format(y))
+    if out is None:  # not saved without a ReLU; the kernels read it only for the mask
+        out = grad_out
+    need_conv = need_input or need_weight or need_bias
+    sum_g = sum_g_xhat = None
+    if need_gamma or need_beta or (batch_stats and need_conv):
+        sum_g, sum_g_xhat = k.backward_reduce(grad_out, out, y, mean, var, eps, relu)
+    # dγ and dβ are this process's sums (data-parallel training adds them up across
+    # processes); dy needs the sums over every value the statistics came from.
+    total_g, total_g_xhat = sum_g, sum_g_xhat
+    if all_reduce is not None and batch_stats and need_conv:
+        total_g, total_g_xhat = all_reduce(sum_g, sum_g_xhat)
+    dy = d_residual = None
+    if need_conv or (need_residual and relu):
+        dy, d_residual = k.backward_apply(
+            grad_out, out, y, mean, var, bn_weight, eps,
+            total_g if total_g is not None else mean, total_g_xhat if total_g_xhat is not None else mean,
+            count, batch_stats, relu, need_residual and relu,
+        )
+    if need_residual and not relu:
+        d_residual = grad_out  # the add passes its gradient through unchanged
+    dx = dw = db = None
+    if need_conv:
+        fmt = output_memory_format(x)
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            dy, x, weight.contiguous(memory_format=fmt), [weight.shape[0]] if conv["has_bias"] else None,
+            conv["stride"], conv["padding"], conv["dilation"], False, [0, 0], conv["groups"],
+            [need_input, need_weight, need_bias],
+        )
+    dgamma = sum_g_xhat.to(bn_weight.dtype) if need_gamma else None
+    dbeta = sum_g if need_beta else None
+    return dx, dw, db, dgamma, dbeta, d_residual if need_residual else None
+
+
+conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)

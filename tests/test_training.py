@@ -1,0 +1,307 @@
+"""The fused training unit (resnet_fused::conv_bn_act_train and the modules built on it) against
+the unfused PyTorch modules: gradients, running statistics, nn.BatchNorm2d's options, whole
+training runs, frozen-BN fine-tuning, autocast, torch.compile and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+import resnet_fused
+from helpers import (
+    assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms, textbook_resnet,
+)
+from resnet_fused import FusedConv2d, functional
+from resnet_fused.training import conv_bn_act_train
+
+FUSED = ["cpu", "triton"]  # triton runs under the interpreter here
+
+
+def unit_operands(dtype, *, conv_bias, affine, residual, seed, shape=(2, 3, 5, 4), k=4, requires_grad=True):
+    """Inputs of one conv(3x3, pad 1) + BN unit; BN parameters and running stats far from 0/1."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+
+    def rand(*size, scale=1.0, offset=0.0):
+        return (torch.randn(*size, generator=g) * scale + offset).to(dtype).requires_grad_(requires_grad)
+
+    ops = {
+        "x": rand(n, c, h, w),
+        "weight": rand(k, c, 3, 3, scale=0.3),
+        "bias": rand(k, scale=0.3) if conv_bias else None,
+        "bn_weight": rand(k, scale=0.2, offset=1.0) if affine else None,
+        "bn_bias": rand(k, scale=0.3) if affine else None,
+        "residual": rand(n, k, h, w) if residual else None,
+    }
+    running = (torch.randn(k, generator=g).to(dtype) * 0.3, (torch.rand(k, generator=g) + 0.5).to(dtype))
+    return ops, running
+
+
+def call_op(ops, running, backend, relu, batch_stats, eps=1e-3):
+    mean, var = (None, None) if batch_stats else running
+    return conv_bn_act_train(
+        ops["x"], ops["weight"], ops["bias"], ops["bn_weight"], ops["bn_bias"], mean, var, eps, ops["residual"],
+        [1, 1], [1, 1], [1, 1], 1, relu, backend, False,
+    )[0]
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
+@pytest.mark.parametrize("relu,residual", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("conv_bias,affine", [(True, True), (False, False)], ids=["bias-affine", "plain"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64(backend, conv_bias, affine, relu, residual, batch_stats):
+    ops, running = unit_operands(torch.float64, conv_bias=conv_bias, affine=affine, residual=residual, seed=1)
+    names = [name for name, t in ops.items() if t is not None]
+
+    def fn(*tensors):
+        return call_op(dict(ops, **dict(zip(names, tensors))), running, backend, relu, batch_stats)
+
+    assert torch.autograd.gradcheck(fn, [ops[n] for n in names], eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_fp32_gradients_match_fp64_reference(backend, channels_last, batch_stats):
+    """Every gradient of the fp32 fused unit within fp32 tolerance of the fp64 computation."""
+    ops, running = unit_operands(torch.float32, conv_bias=True, affine=True, residual=True, seed=2,
+                                 shape=(3, 5, 7, 6), k=6)
+    if channels_last:
+        for name in ("x", "residual"):
+            ops[name] = ops[name].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    exact_ops = {name: t.detach().double().requires_grad_() for name, t in ops.items()}
+    out = call_op(ops, running, backend, True, batch_stats)
+    exact = call_op(exact_ops, tuple(t.double() for t in running), "reference", True, batch_stats)
+    assert max_rel_error(out, exact) < 1e-5
+    grad = torch.randn(exact.shape, dtype=torch.float64)
+    out.backward(grad.float())
+    exact.backward(grad)
+    assert_grads_close([t.grad for t in ops.values()], [t.grad for t in exact_ops.values()], 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_op_contract(backend):
+    for channels_last in (False, True):
+        ops, running = unit_operands(torch.float32, conv_bias=True, affine=True, residual=True, seed=3)
+        if channels_last:
+            ops = {n: t.detach().contiguous(memory_format=torch.channels_last).requires_grad_() if t.dim() == 4 else t
+                   for n, t in ops.items()}
+        for mean, var in ((None, None), running):
+            args = (ops["x"], ops["weight"], ops["bias"], ops["bn_weight"], ops["bn_bias"], mean, var, 1e-5,
+                    ops["residual"], [1, 1], [1, 1], [1, 1], 1, True, backend, False)
+            torch.library.opcheck(conv_bn_act_train, args)
+
+
+def build(factory, seed, **kwargs):
+    torch.manual_seed(seed)
+    return randomize_batch_norms(factory(**kwargs), torch.Generator().manual_seed(seed))
+
+
+def sgd_steps(model, inputs, targets, steps):
+    """``steps`` SGD-with-momentum steps; the losses."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9, weight_decay=1e-4)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs[step]), targets[step])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_training(original, converted, steps, input_shape, classes, tol):
+    g = torch.Generator().manual_seed(20)
+    inputs = [torch.randn(input_shape, generator=g) for _ in range(steps)]
+    targets = [torch.randint(0, classes, (input_shape[0],), generator=g) for _ in range(steps)]
+    expected = sgd_steps(original, inputs, targets, steps)
+    losses = sgd_steps(converted, inputs, targets, steps)
+    assert losses == pytest.approx(expected, rel=tol)
+    a, b = original.state_dict(), converted.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        if a[key].is_floating_point():
+            assert max_rel_error(b[key], a[key]) < tol, key
+        else:
+            assert torch.equal(a[key], b[key]), key  # num_batches_tracked
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_resnet18_training_steps(backend):
+    model = build(resnet18, 4, num_classes=7).train()
+    converted = resnet_fused.convert(model, backend=backend)
+    assert sum(isinstance(m, FusedConv2d) for m in converted.modules()) == 20
+    assert_same_training(model, converted, 5, (4, 3, 48, 45), 7, 1e-3)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_textbook_resnet_training_steps(backend):
+    model = build(textbook_resnet, 5).train()
+    converted = resnet_fused.convert(model, backend=backend)
+    assert sum(isinstance(m, FusedConv2d) for m in converted.modules()) == 9
+    # Small images under the Triton interpreter, which runs every program in numpy.
+    assert_same_training(model, converted, 5, (3, 3, 11, 10) if backend == "cpu" else (2, 3, 7, 6), 5, 1e-4)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_frozen_batch_norm_fine_tuning(backend):
+    """Backbone BatchNorms in eval inside a training model (detection-style fine-tuning): running
+    statistics fixed, gradients through them, conv weights and BN affine parameters learn."""
+    model = build(textbook_resnet, 6).train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    converted = resnet_fused.convert(model, backend=backend)
+    for module in converted.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert not module.training
+    assert_same_training(model, converted, 4, (2, 3, 9, 9), 5, 1e-4)
+
+
+BN_OPTIONS = {
+    "default": {},
+    "eps-momentum": {"eps": 1e-2, "momentum": 0.3},
+    "momentum-none": {"momentum": None},
+    "no-affine": {"affine": False},
+    "no-running-stats": {"track_running_stats": False},
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-grad"])
+@pytest.mark.parametrize("option", BN_OPTIONS)
+def test_batch_norm_options(option, mode):
+    """Every nn.BatchNorm2d constructor option, in every mode, over three calls (momentum=None
+    averages over calls): outputs, gradients and the whole state_dict."""
+    kwargs = BN_OPTIONS[option]
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5, **kwargs), nn.ReLU())
+    model = randomize_batch_norms(model, torch.Generator().manual_seed(7)).train(mode == "train")
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert isinstance(converted[0], FusedConv2d)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        x = torch.randn(1, 3, 6, 5, generator=g) * 2 + 0.5  # batch of one, spatial size > 1
+        grad_mode = torch.enable_grad() if mode != "eval" else torch.no_grad()
+        with grad_mode:
+            outs = [m(x) for m in (model, converted)]
+        assert max_rel_error(outs[1], outs[0]) < 1e-5
+        if mode != "eval":
+            expected, actual = [torch.autograd.grad(out.sum(), list(m.parameters())) for out, m in zip(outs, (model, converted))]
+            assert_grads_close(actual, expected, 1e-5)
+    a, b = model.state_dict(), converted.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_without_bias():
+    """nn.BatchNorm2d(bias=False) (newer torch) has a weight and no bias."""
+    try:
+        bn = nn.BatchNorm2d(4, bias=False)
+    except TypeError:
+        pytest.skip("this torch's BatchNorm2d has no bias argument")
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 1), bn), torch.Generator().manual_seed(9))
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert list(converted.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 5, 5)
+    for training in (True, False):
+        model.train(training), converted.train(training)
+        with torch.no_grad():
+            assert max_rel_error(converted(x), model(x)) < 1e-5
+
+
+def test_single_value_per_channel_in_training_is_refused_like_torch():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(1, 3, 3, 3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as theirs:
+        model(x)
+    state = copy.deepcopy(converted.state_dict())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
+        converted(x)
+    assert str(ours.value) == str(theirs.value)
+    # num_batches_tracked is incremented before the check in torch too
+    assert torch.equal(converted[1].num_batches_tracked, model[1].num_batches_tracked)
+    assert torch.equal(converted[1].running_mean, state["1.running_mean"])
+
+
+def test_empty_batch_in_training():
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.Generator().manual_seed(10)).train()
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(0, 3, 5, 5)
+    out, expected = converted(x), model(x)
+    assert out.shape == expected.shape == (0, 4, 3, 3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_nan_input_propagates(backend):
+    x = torch.randn(2, 3, 5, 5)
+    x[1, 0, 2, 2] = float("nan")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    converted = resnet_fused.convert(model, backend=backend)
+    out, expected = converted(x), model(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.isnan(out).any()
+    assert torch.isnan(converted[1].running_mean).any()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_bad_input_is_named(backend):
+    x = torch.randn(2, 3, 6, 6)
+    weight, mean, var = torch.randn(4, 3, 3, 3), torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match="bn_weight must be a 1-D float tensor of 4 channels"):
+        functional.conv_batch_norm_act(x, weight, mean, var, training=True, bn_weight=torch.ones(3), backend=backend)
+    with pytest.raises(ValueError, match="bn_bias must be a 1-D float tensor of 4 channels"):
+        functional.conv_batch_norm_act(x, weight, mean, var, training=True, bn_bias=torch.ones(5), backend=backend)
+    with pytest.raises(ValueError, match=r"residual shape \(2, 4, 6, 6\) != output shape \(2, 4, 4, 4\)"):
+        functional.conv_batch_norm_act(x, weight, mean, var, training=True, residual=torch.randn(2, 4, 6, 6),
+                                       backend=backend)
+    with pytest.raises(ValueError, match="give both running_mean and running_var"):
+        functional.conv_batch_norm_act(x, weight, mean, None, training=True, backend=backend)
+
+
+def test_autocast_bf16_training_step():
+    """Under CPU autocast the fused unit computes in the unfused modules' dtypes (conv in bf16,
+    statistics in fp32, bf16 out) and its error against fp64 stays within 2x theirs."""
+    model = build(textbook_resnet, 11).train()
+    converted = resnet_fused.convert(model, backend="cpu")
+    exact_model = copy.deepcopy(model).double()
+    x = torch.randn(4, 3, 10, 9, generator=torch.Generator().manual_seed(12))
+    with torch.autocast("cpu", torch.bfloat16):
+        fused_out, unfused_out = converted(x), model(x)
+    exact = exact_model(x.double())
+    assert fused_out.dtype == unfused_out.dtype
+    assert_low_precision_close(fused_out, unfused_out, exact)
+    for m in (converted, model, exact_model):
+        m.zero_grad()
+    fused_out.float().square().sum().backward()
+    unfused_out.float().square().sum().backward()
+    exact.square().sum().backward()
+    for (name, p_fused), p_unfused, p_exact in zip(converted.named_parameters(), model.parameters(),
+                                                   exact_model.parameters()):
+        assert_low_precision_close(p_fused.grad, p_unfused.grad, p_exact.grad.double(), factor=2.0)
+    for (key, v), v_exact in zip(converted.state_dict().items(), model.state_dict().values()):
+        if v.is_floating_point():
+            assert (v - v_exact).abs().max() <= 2e-2 * v_exact.abs().max() + 1e-3, key
+
+
+def test_compiled_training_step_in_one_graph():
+    """torch.compile(fullgraph=True) traces forward, backward (register_autograd) and the
+    in-place running-stat updates of a converted model."""
+    model = build(textbook_resnet, 13).train()
+    converted = resnet_fused.convert(model, backend="cpu")
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 8, 8)
+    out = compiled(x)
+    out.sum().backward()
+    expected = model(x)
+    expected.sum().backward()
+    assert max_rel_error(out, expected) < 1e-4
+    assert_grads_close([q.grad for q in converted.parameters()], [p.grad for p in model.parameters()], 1e-5)
+    for (key, v), w in zip(model.state_dict().items(), converted.state_dict().values()):
+        torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6)
