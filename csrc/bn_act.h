@@ -237,7 +237,9 @@ inline std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(
     // In eval the batch sums are not part of the gradient and are not read.
     bn_detail::check_channel(sum_g, op, "sum_g", K, y_in);
     bn_detail::check_channel(sum_g_xhat, op, "sum_g_xhat", K, y_in);
-    TORCH_CHECK(count > 0, op, ": count (values per channel in the batch statistics) must be positive, got ", count);
+    // An empty batch has nothing to differentiate (checked after the early return below).
+    TORCH_CHECK(count > 0 || y_in.numel() == 0, op,
+                ": count (values per channel in the batch statistics) must be positive, got ", count);
   }
   bn_detail::check_eps(eps, op);
 

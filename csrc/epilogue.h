@@ -173,10 +173,11 @@ RF_HOST_DEVICE inline void moments_finalize(const Moments& m, acc_t& mean, acc_t
 }
 
 // g = dL/d(pre-activation): grad_out masked by out > 0 when the op had a
-// ReLU. A NaN out gives 0 (NaN > 0 is false), as torch's threshold_backward.
+// ReLU. Zero only where out <= 0, as torch's threshold_backward: a NaN out
+// passes its gradient through.
 template <typename acc_t>
 RF_HOST_DEVICE inline acc_t relu_grad(acc_t grad_out, acc_t out, bool apply_relu) {
-  return apply_relu ? (out > acc_t(0) ? grad_out : acc_t(0)) : grad_out;
+  return apply_relu ? (out <= acc_t(0) ? acc_t(0) : grad_out) : grad_out;
 }
 
 // One element's share of the backward reductions: sum_g += g and

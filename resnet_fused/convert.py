@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import backends
-from .nn import FusedBasicBlock, FusedBottleneck, has_hooks, fuse_conv_bn, is_plain_batch_norm, is_plain_conv
-
-_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
+from .nn import (
+    FusedBasicBlock, FusedBottleneck, FusedConv2d, fuse_conv_bn, has_hooks, is_plain_batch_norm, is_plain_conv,
+)
+from .report import build_report
+from .residual import fuse_residuals, is_noop, is_relu_node, leaves, single_user, trace_in_mode
 
 
 def _torchvision_blocks() -> dict[type, type]:
@@ -38,7 +40,7 @@ def _torchvision_blocks() -> dict[type, type]:
     return {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 
 
-def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, report: bool = False):
     """Return ``model`` with its Conv2d→BatchNorm2d(→ReLU) chains and ResNet blocks fused.
 
     ``backend`` is ``"auto"`` (per call: Triton on CUDA tensors, the C++ op on CPU tensors) or
@@ -46,6 +48,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     keys and values, and its output matches the original's in eval and train mode alike.
     With ``inplace=True`` the model's children are replaced in place; use the returned module
     all the same (a model that is itself a ResNet block is replaced, not modified).
+    With ``report=True`` it returns ``(model, ConversionReport)``: what was fused, and each
+    place left unfused with the reason (``print(report)``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -60,11 +64,22 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False) -> n
     shared = {key for key, count in counts.items() if count > 1}
     blocks = _torchvision_blocks()
     if type(model) in blocks and _block_is_plain(model, shared):
-        return blocks[type(model)](model, backend)
-    _replace_blocks(model, blocks, shared, backend)
-    for parent in list(model.modules()):
-        _fuse_chains(parent, shared, backend)
-    return model
+        model = blocks[type(model)](model, backend)
+    else:
+        _replace_blocks(model, blocks, shared, backend)
+        for parent in list(model.modules()):
+            _fuse_chains(parent, shared, backend)
+        for block in list(model.modules()):
+            if _may_hold_residual(block):
+                fuse_residuals(block)
+    return (model, build_report(model, backend, shared)) if report else model
+
+
+def _may_hold_residual(module: nn.Module) -> bool:
+    """A module whose own forward may add a residual to a fused conv without a ReLU."""
+    if isinstance(module, (FusedConv2d, FusedBasicBlock, FusedBottleneck)) or type(module) is nn.Sequential:
+        return False
+    return any(isinstance(m, FusedConv2d) and not m.relu for m in module.modules())
 
 
 def _replace_blocks(parent: nn.Module, blocks: dict[type, type], shared: set[int], backend: str) -> None:
@@ -93,27 +108,6 @@ def _block_is_plain(block: nn.Module, shared: set[int]) -> bool:
     )
 
 
-class _ChildrenAsLeaves(fx.Tracer):
-    """Traces one module's own forward, calls to its direct children kept as call_module."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return "." not in qualified_name
-
-
-def _single_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _is_relu(node: fx.Node, parent: nn.Module) -> bool:
-    if node.op == "call_module":
-        # A hooked ReLU must see the BN output it always saw: it is not folded in.
-        module = parent.get_submodule(node.target)
-        return type(module) is nn.ReLU and not has_hooks(module)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
 def _is_inplace_relu(node: fx.Node, parent: nn.Module) -> bool:
     if node.op == "call_module":
         return parent.get_submodule(node.target).inplace
@@ -122,12 +116,10 @@ def _is_inplace_relu(node: fx.Node, parent: nn.Module) -> bool:
     return node.target == "relu_"
 
 
-def _chains(parent: nn.Module, shared: set[int]) -> dict[str, tuple[str, bool, str | None]] | None:
-    """conv target → (bn target, relu follows, ReLU module used only here) for the chains the
-    parent's forward shows in its current train/eval mode; None if it cannot be traced."""
-    try:
-        graph = _ChildrenAsLeaves().trace(parent)
-    except Exception:  # data-dependent control flow and the like: leave this parent unfused
+def _chains(parent: nn.Module, graph: fx.Graph | None, shared: set[int]) -> dict[str, tuple[str, bool, str | None]] | None:
+    """conv target → (bn target, relu follows, ReLU module used only here) for the chains a
+    trace of the parent's forward shows; None if it could not be traced."""
+    if graph is None:
         return None
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
 
@@ -145,13 +137,17 @@ def _chains(parent: nn.Module, shared: set[int]) -> dict[str, tuple[str, bool, s
     for node in graph.nodes:
         if not called_once(node, is_plain_conv):
             continue
-        bn_node = _single_user(node)
+        bn_node = single_user(node)
         if bn_node is None or not called_once(bn_node, is_plain_batch_norm) or bn_node.args[0] is not node:
             continue
         if parent.get_submodule(bn_node.target).num_features != parent.get_submodule(node.target).out_channels:
             continue
-        relu_node = _single_user(bn_node)
-        relu = relu_node is not None and relu_node.args[:1] == (bn_node,) and _is_relu(relu_node, parent)
+        # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the ReLU:
+        # relu(noop(y)) == noop(relu(y)), so the ReLU still folds into the conv.
+        before, relu_node = bn_node, single_user(bn_node)
+        while relu_node is not None and called_once(relu_node, is_noop) and relu_node.args[0] is before:
+            before, relu_node = relu_node, single_user(relu_node)
+        relu = relu_node is not None and relu_node.args[:1] == (before,) and is_relu_node(relu_node, parent)
         # A ReLU module used only here becomes redundant; a functional or shared ReLU stays,
         # which is harmless because relu(relu(y)) == relu(y) -- unless it works in place: it
         # would then overwrite the fused output that autograd keeps for the ReLU mask, so it
@@ -171,15 +167,10 @@ def _chains(parent: nn.Module, shared: set[int]) -> dict[str, tuple[str, bool, s
 
 
 def _fuse_chains(parent: nn.Module, shared: set[int], backend: str) -> None:
-    if not any(is_plain_conv(child) for child in parent.children()):
+    if not any(is_plain_conv(m) for m in leaves(parent)):
         return
     # A forward may branch on self.training; a chain must hold in both modes.
-    modes = {m: m.training for m in parent.modules()}
-    try:
-        per_mode = [_chains(parent.train(mode), shared) for mode in (False, True)]
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    per_mode = [_chains(parent, trace_in_mode(parent, mode), shared) for mode in (False, True)]
     if None in per_mode:
         return
     eval_chains, train_chains = per_mode
@@ -190,7 +181,13 @@ def _fuse_chains(parent: nn.Module, shared: set[int], backend: str) -> None:
         relu = relu and other[1]
         own_relu = own_relu if relu and own_relu == other[2] else None
         fused_conv, folded_bn = fuse_conv_bn(parent.get_submodule(conv_name), parent.get_submodule(bn_name), relu, backend)
-        setattr(parent, conv_name, fused_conv)
-        setattr(parent, bn_name, folded_bn)
+        _set_submodule(parent, conv_name, fused_conv)
+        _set_submodule(parent, bn_name, folded_bn)
         if own_relu is not None:
-            setattr(parent, own_relu, nn.Identity())
+            _set_submodule(parent, own_relu, nn.Identity())
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Put ``module`` in the slot ``target`` names (dotted: inside a traced-through Sequential)."""
+    owner, _, name = target.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, name, module)

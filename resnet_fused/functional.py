@@ -62,7 +62,11 @@ def check_conv_bn_act(x, weight, per_channel: dict, eps, residual, stride, paddi
     for name, t in per_channel.items():
         if t is not None and (t.dim() != 1 or t.shape[0] != k or not t.is_floating_point()):
             raise ValueError(f"conv_bn_act: {name} must be a 1-D float tensor of {k} channels, got {t.dtype} {tuple(t.shape)}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    # A symbolic eps (torch.compile(dynamic=True)) is checked by the kernels at run time.
+    if not isinstance(eps, (int, float, torch.SymFloat)):
+        raise ValueError(f"conv_bn_act: eps must be a non-negative number, got {eps!r}")
+    # Comparisons rather than math.isfinite, which torch.compile cannot trace on a symbolic eps.
+    if isinstance(eps, (int, float)) and (eps != eps or eps < 0 or eps == math.inf):
         raise ValueError(f"conv_bn_act: eps must be a non-negative number, got {eps!r}")
     if any(s < 1 for s in stride) or any(p < 0 for p in padding) or any(d < 1 for d in dilation):
         raise ValueError(f"conv_bn_act: invalid stride={stride}, padding={padding}, dilation={dilation}")
@@ -185,6 +189,8 @@ def conv_batch_norm_act(
         num_batches_tracked.add_(1)
         factor = 1.0 / float(num_batches_tracked) if momentum is None else momentum
     batch_stats = training or running_mean is None
+    if batch_stats and isinstance(eps, (int, float)) and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")  # torch's words
     update = training and track_running_stats and running_mean is not None
 
     tensors = (x, weight, bias, bn_weight, bn_bias, residual)

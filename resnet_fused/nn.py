@@ -80,6 +80,10 @@ class FusedConv2d(nn.Conv2d):
         object.__setattr__(self, "folded_bn", bn)
         self.relu = relu
         self.backend = backend
+        # Set when a block's add + ReLU ride in this conv's epilogue; residual_in_place when
+        # that add was in place (``out += identity``), which keeps the conv output's dtype.
+        self.residual_fused = False
+        self.residual_in_place = False
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
@@ -94,8 +98,10 @@ class FusedConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = _autocast(x, dtype), _autocast(weight, dtype)
             bias = _autocast(bias, dtype) if bias is not None else None
+        if residual is not None and self.residual_in_place and residual.dtype != x.dtype != torch.float64:
+            residual = residual.to(x.dtype)  # an in-place add does not promote
         if backend == "reference" or not self._fusable(x, weight, residual):
-            return reference.conv_bn_act_modules(x, self, bn, residual, self.relu)
+            return reference.conv_bn_act_modules(x, self, bn, residual, self.relu, self.residual_in_place)
         # The live parameters and buffers on every call: nothing folded ahead of time, so an
         # optimizer step, a load_state_dict or a write through .data is always seen.
         return functional.conv_batch_norm_act(
@@ -176,9 +182,10 @@ class FusedBasicBlock(nn.Module):
         self.conv1, self.bn1 = fuse_conv_bn(block.conv1, block.bn1, relu=True, backend=backend)
         self.relu = block.relu
         self.conv2, self.bn2 = fuse_conv_bn(block.conv2, block.bn2, relu=True, backend=backend)
+        self.conv2.residual_fused = self.conv2.residual_in_place = True  # torchvision: out += identity
         self.downsample = _fuse_downsample(block.downsample, backend)
         self.stride = block.stride
-        self.train(block.training)
+        self.training = block.training  # not .train(): children keep their own modes (frozen BNs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -194,10 +201,11 @@ class FusedBottleneck(nn.Module):
         self.conv1, self.bn1 = fuse_conv_bn(block.conv1, block.bn1, relu=True, backend=backend)
         self.conv2, self.bn2 = fuse_conv_bn(block.conv2, block.bn2, relu=True, backend=backend)
         self.conv3, self.bn3 = fuse_conv_bn(block.conv3, block.bn3, relu=True, backend=backend)
+        self.conv3.residual_fused = self.conv3.residual_in_place = True
         self.relu = block.relu
         self.downsample = _fuse_downsample(block.downsample, backend)
         self.stride = block.stride
-        self.train(block.training)
+        self.training = block.training  # not .train(): children keep their own modes (frozen BNs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)

@@ -43,8 +43,10 @@ def conv_bn_act_modules(
     bn: nn.BatchNorm2d,
     residual: torch.Tensor | None = None,
     relu: bool = True,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """Exactly what ``relu(bn(conv(x)) [+ residual])`` computes with these modules.
+    """Exactly what ``relu(bn(conv(x)) [+ residual])`` computes with these modules (``+=`` when
+    ``in_place``: the sum keeps the BatchNorm output's dtype).
 
     The base classes' forward methods are called directly so that subclasses (the fused
     modules themselves) get stock nn.Conv2d / nn.BatchNorm2d / nn.SyncBatchNorm behaviour: padding modes, batch
@@ -52,6 +54,9 @@ def conv_bn_act_modules(
     """
     y = nn.Conv2d.forward(conv, x)
     y = (nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d).forward(bn, y)
+    if in_place and residual is not None:
+        y += residual
+        residual = None
     return add_act(y, residual, relu)
 
 
@@ -96,7 +101,7 @@ def bn_act_apply(y, mean, var, gamma, beta, eps: float, residual, relu: bool) ->
 
 
 def bn_act_backward_reduce(grad_out, out, y, mean, var, eps: float, relu: bool):
-    """``(Σ g, Σ g·x̂)`` per channel, g = grad_out masked by ``out > 0`` when ``relu``,
+    """``(Σ g, Σ g·x̂)`` per channel, g = grad_out zeroed where ``out <= 0`` when ``relu``,
     x̂ = (y − mean)/√(var + ε): dβ and dγ."""
     acc = acc_dtype(y.dtype)
     g = _masked_grad(grad_out, out, relu).to(acc)
@@ -135,4 +140,5 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
 
 
 def _masked_grad(grad_out, out, relu: bool):
-    return torch.where(out > 0, grad_out, torch.zeros_like(grad_out)) if relu else grad_out
+    # Zero where out <= 0, as threshold_backward: a NaN output passes its gradient through.
+    return torch.where(out <= 0, torch.zeros_like(grad_out), grad_out) if relu else grad_out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .training import backward_unit, kernels
+from .training import backward_unit, kernels, refuse_double_backward
 
 
 def global_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -72,6 +72,7 @@ class SyncConvBatchNormAct(torch.autograd.Function):
         if grad_out is None:
             # Every process must still join the backward all_reduce: a zero gradient does.
             grad_out = torch.zeros_like(ctx.saved_tensors[4])
+        refuse_double_backward()
         x, weight, bn_weight, out, y, mean, var = ctx.saved_tensors
         need = ctx.needs_input_grad
 

@@ -15,7 +15,7 @@ its storage dtype), ``mean`` and ``var`` are what the backward needs, and ``mean
 what the caller folds into the running statistics with ``update_running_stats`` — a separate
 in-place op, because an op with a registered backward must be functional.
 
-Backward, with g = ∂L/∂out masked by ``out > 0`` when ``relu``, x̂ = (y − mean)·invstd:
+Backward, with g = ∂L/∂out zeroed where ``out <= 0`` when ``relu``, x̂ = (y − mean)·invstd:
     dβ = Σ g,   dγ = Σ g·x̂                                   (one reduction pass)
     batch statistics:   dy = γ·invstd·(g − Σg/M − x̂·Σ(g·x̂)/M)
     running statistics: dy = γ·invstd·g
@@ -166,6 +166,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     if grad_out is None:  # the output did not reach the loss
         return (None,) * 16
+    refuse_double_backward()
     x, weight, bn_weight, out, y, mean, var = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = backward_unit(
@@ -177,6 +178,16 @@ def _backward(ctx, grad_out, _grad_y, _grad_mean, _grad_var):
     if dbeta is not None:
         dbeta = dbeta.to(ctx.beta_dtype)
     return dx, dw, db, dgamma, dbeta, None, None, None, dres, None, None, None, None, None, None, None
+
+
+def refuse_double_backward() -> None:
+    """The backward kernels are not differentiable themselves: a second derivative through them
+    would silently miss terms, so ``create_graph=True`` (grad mode on in the backward) fails."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "resnet_fused: the fused conv+BatchNorm backward is not differentiable (double backward, "
+            "create_graph=True, e.g. a gradient penalty); convert the model with backend='reference' for that"
+        )
 
 
 def backward_unit(k: Kernels, grad_out, x, weight, bn_weight, out, y, mean, var, eps, relu, batch_stats, count, conv,

@@ -234,7 +234,8 @@ def test_backward_count_from_argument():
 
 
 def test_relu_mask_and_eval_ignores_sums():
-    """g is 0 where out <= 0 or out is NaN, whatever grad_out holds; in eval the sums are unread."""
+    """g is 0 where out <= 0 and passes where out is NaN (torch's threshold_backward), whatever
+    grad_out holds; in eval the sums are unread."""
     y = torch.randn(1, 2, 3, 4, dtype=torch.float64)
     out = torch.randn_like(y)
     out[0, 0, 0, :2] = float("nan")
@@ -244,10 +245,10 @@ def test_relu_mask_and_eval_ignores_sums():
     m, v = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     sums = torch.full((2,), float("nan"), dtype=torch.float64)
     dy, d_res = ops.bn_act_backward_apply(grad_out, out, y, m, v, None, 0.0, sums, sums, 24, False, True, True)
-    expected = torch.where(out > 0, grad_out, 0.0)
+    expected = torch.ops.aten.threshold_backward(grad_out, out, 0.0)
     torch.testing.assert_close(d_res, expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(dy, expected, rtol=0, atol=0, equal_nan=True)
-    assert d_res[0, 0, 0, :2].eq(0).all() and d_res[0, 1, 0, 0] == 0
+    assert d_res[0, 0, 0, :2].equal(grad_out[0, 0, 0, :2]) and d_res[0, 1, 0, 0] == 0
 
 
 # ------------------------------------------------------------------------------------- running stats

@@ -305,3 +305,69 @@ def test_compiled_training_step_in_one_graph():
     assert_grads_close([q.grad for q in converted.parameters()], [p.grad for p in model.parameters()], 1e-5)
     for (key, v), w in zip(model.state_dict().items(), converted.state_dict().values()):
         torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_is_refused_not_wrong():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    (grad,) = torch.autograd.grad(converted(x).square().sum(), x)  # first order: fine
+    assert max_rel_error(grad, torch.autograd.grad(model(x).square().sum(), x)[0]) < 1e-4
+    with pytest.raises(RuntimeError, match="not differentiable.*backend='reference'"):
+        torch.autograd.grad(converted(x).square().sum(), x, create_graph=True)
+
+
+def test_frozen_batch_norms_inside_torchvision_blocks_stay_frozen():
+    model = build(resnet18, 14, num_classes=7).train()
+    model.layer1[0].bn1.eval()
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert not converted.layer1[0].bn1.training and converted.layer1[0].bn2.training
+    assert_same_training(model, converted, 2, (4, 3, 48, 45), 7, 1e-3)
+
+
+def test_empty_batch_backward():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(0, 3, 5, 5, requires_grad=True)
+    converted(x).sum().backward()
+    assert x.grad.shape == x.shape and converted[0].weight.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_nan_output_passes_gradient_like_threshold_backward(backend):
+    ops, running = unit_operands(torch.float32, conv_bias=False, affine=True, residual=True, seed=15)
+    with torch.no_grad():
+        ops["residual"][0, 1, 2, 2] = float("nan")
+    exact_ops = {n: t.detach().clone().requires_grad_() for n, t in ops.items() if t is not None}
+    out = call_op(ops, running, backend, True, False)
+    expected = torch.relu(F.batch_norm(F.conv2d(exact_ops["x"], exact_ops["weight"], padding=1), running[0], running[1],
+                                       exact_ops["bn_weight"], exact_ops["bn_bias"], False, 0.0, 1e-3) + exact_ops["residual"])
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(ops["residual"].grad, exact_ops["residual"].grad)
+
+
+def test_eps_zero_in_training_is_refused_like_torch():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.0)).train()
+    converted = resnet_fused.convert(model, backend="cpu")
+    with pytest.raises(ValueError, match="batch_norm eps must be positive during training"):
+        converted(torch.randn(2, 3, 5, 5))
+
+
+def test_autocast_keeps_the_dtype_of_an_in_place_residual_add():
+    """torchvision's ``out += identity`` keeps the bf16 block output even when the identity is
+    fp32 (the block's input under autocast)."""
+    block = build(resnet18, 16).layer1[0].eval()
+    converted = resnet_fused.convert(block, backend="cpu")
+    x = torch.randn(2, 64, 9, 9)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out, expected = converted(x), block(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_low_precision_close(out, expected, block.double()(x.double()))
+
+
+def test_compiles_with_dynamic_shapes():
+    converted = resnet_fused.convert(build(textbook_resnet, 17).train(), backend="cpu")
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True, dynamic=True)
+    for size in (8, 9):
+        compiled(torch.randn(2, 3, size, size)).sum().backward()

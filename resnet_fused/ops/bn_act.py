@@ -4,7 +4,7 @@ The ops, in math (per channel k, over the M = N·H·W values of y (N, K, H, W) i
 ``reference.py`` holds the same in plain torch, the specification):
 
 - ``bn_act_apply_triton``: ``out = act(γ·(y − μ)·invstd + β [+ residual])``, invstd = 1/√(σ²+ε).
-- ``bn_act_backward_reduce_triton``: ``(Σ g, Σ g·x̂)``, g = grad_out masked by ``out > 0`` (ReLU),
+- ``bn_act_backward_reduce_triton``: ``(Σ g, Σ g·x̂)``, g = grad_out zeroed where ``out <= 0`` (ReLU),
   x̂ = (y − μ)·invstd: dβ and dγ.
 - ``bn_act_backward_apply_triton``: ``(dy, d_residual)`` with batch statistics (training) or
   constant running statistics (eval), see ``_bn_act_bwd_kernel``.
@@ -124,7 +124,7 @@ def _bn_act_fwd_kernel(
 @triton.jit
 def _bn_act_bwd_reduce_kernel(
     grad_ptr,  # grad_out (N, K, L) any strides, y's dtype
-    out_ptr,  # forward output (N, K, L) any strides; read only when APPLY_RELU (mask out > 0)
+    out_ptr,  # forward output (N, K, L) any strides; read only when APPLY_RELU (mask out <= 0)
     y_ptr,  # forward input y (N, K, L) any strides
     mean_ptr,  # (K,) contiguous batch mean, any float dtype
     var_ptr,  # (K,) contiguous batch variance, any float dtype
@@ -142,7 +142,7 @@ def _bn_act_bwd_reduce_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Per-program partial sums of dβ = Σ g and dγ = Σ g·x̂, g = grad_out·[out > 0] (ReLU) or
+    """Per-program partial sums of dβ = Σ g and dγ = Σ g·x̂, g = grad_out·[not out <= 0] (ReLU) or
     grad_out, x̂ = (y − μ)·invstd (the normalized input, recomputed from y, not stored)."""
     pid = tl.program_id(0)
     n = pid // LS
@@ -160,7 +160,7 @@ def _bn_act_bwd_reduce_kernel(
         g = g.to(tl.float32)
         if APPLY_RELU:
             o = tl.load(out_ptr + n * so_n + offs_l[:, None] * so_l + offs_k[None, :] * so_k, mask=mask, other=0.0)
-            g = tl.where(o > 0.0, g, 0.0)
+            g = tl.where(o <= 0.0, 0.0, g)  # a NaN output passes its gradient, as in torch
         y = tl.load(y_ptr + n * sy_n + offs_l[:, None] * sy_l + offs_k[None, :] * sy_k, mask=mask, other=0.0)
         xhat = (y.to(tl.float32) - mean[None, :]) * invstd[None, :]
         acc_g += g
@@ -201,7 +201,7 @@ def _bn_partials_sum_kernel(
 @triton.jit
 def _bn_act_bwd_kernel(
     grad_ptr,  # grad_out (N, K, L) any strides, y's dtype
-    out_ptr,  # forward output (N, K, L) any strides; read only when APPLY_RELU (mask out > 0)
+    out_ptr,  # forward output (N, K, L) any strides; read only when APPLY_RELU (mask out <= 0)
     y_ptr,  # forward input y (N, K, L) any strides; read only when TRAINING
     mean_ptr,  # (K,) contiguous mean used in the forward, any float dtype; read only when TRAINING
     var_ptr,  # (K,) contiguous variance used in the forward, any float dtype
@@ -229,7 +229,7 @@ def _bn_act_bwd_kernel(
 ):
     """dy and d_residual of ``out = act(γ·x̂ + β [+ r])``, x̂ = (y − μ)·invstd.
 
-    g = ∂L/∂(pre-activation) = grad_out·[out > 0] with ReLU, else grad_out; d_residual = g.
+    g = ∂L/∂(pre-activation) = grad_out·[not out <= 0] with ReLU, else grad_out; d_residual = g.
     ∂L/∂x̂ = γ·g. In eval, μ and σ² are constants: ``dy = γ·invstd·g``.
     In training, μ = Σy/M and σ² = Σ(y − μ)²/M depend on every y of the channel:
     ∂x̂_j/∂y_i = invstd·(δ_ij − 1/M − x̂_i·x̂_j/M), so
@@ -250,7 +250,7 @@ def _bn_act_bwd_kernel(
     g = g.to(tl.float32)
     if APPLY_RELU:
         o = tl.load(out_ptr + n * so_n + offs_l[:, None] * so_l + offs_k[None, :] * so_k, mask=mask, other=0.0)
-        g = tl.where(o > 0.0, g, 0.0)
+        g = tl.where(o <= 0.0, 0.0, g)
     if RESIDUAL_GRAD:
         tl.store(dres_ptr + n * sr_n + offs_l[:, None] * sr_l + offs_k[None, :] * sr_k,
                  g.to(dres_ptr.dtype.element_ty), mask=mask)
