@@ -1,0 +1,257 @@
+"""Residual fusion in blocks of any class: ``conv → BN [→ no-op] → add(other) → ReLU`` becomes one
+fused conv whose epilogue adds ``other`` and applies the ReLU.
+
+Runs after the conv+BN chain pass (convert.py), so the pattern is seen as a ``FusedConv2d``
+without a ReLU, its ``FoldedBatchNorm2d`` (an identity), optional no-op modules, an add and a
+ReLU. The block's forward is traced with torch.fx (plain ``nn.Sequential`` containers traced
+through, every other module a leaf) in train *and* eval mode; the two traces must agree, or the
+forward depends on its mode and is left alone. The add may be ``+``, ``+=``, ``torch.add`` or
+``Tensor.add_`` on the conv's output; the ReLU a module (in-place or not), ``F.relu``,
+``torch.relu`` or ``relu_``; ``other`` any value that does not depend on the conv's output
+(the block input, or a shortcut computed after the conv: the fused call moves to where the add
+was, so ``other`` exists by then).
+
+The block keeps its class (``isinstance`` checks in user code still hold): only the instance's
+``forward`` is replaced, by ``ResidualForward``, which runs the rewritten graph's code. It holds
+no code of its own in pickles: on load (and after ``copy.deepcopy``) it traces the class's own
+forward again and reapplies the same rewrite, which the fused modules make deterministic.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedConv2d, has_hooks
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
+
+
+class SequentialsTraced(fx.Tracer):
+    """Leaves: every module but plain ``nn.Sequential`` containers, whose forward is known."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return not (type(module) is nn.Sequential and not has_hooks(module))
+
+
+def is_noop(module: nn.Module) -> bool:
+    """Modules that return their input in both modes."""
+    if has_hooks(module):
+        return False
+    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0.0)
+
+
+def is_relu_node(node: fx.Node, block: nn.Module) -> bool:
+    if node.op == "call_module":
+        module = block.get_submodule(node.target)
+        return type(module) is nn.ReLU and not has_hooks(module)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _add_operands(node: fx.Node) -> tuple | None:
+    """The two tensors an add node sums, if it is a plain two-operand add."""
+    if node.op == "call_function" and node.target in _ADDS and len(node.args) == 2 and not node.kwargs:
+        return node.args
+    if node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs:
+        return node.args
+    return None
+
+
+def _depends_on(node, target: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is target:
+            return True
+        if isinstance(current, fx.Node) and current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fused_conv_feeding(node: fx.Node, block: nn.Module) -> fx.Node | None:
+    """Walk back from an add operand through no-ops and the folded BatchNorm to a FusedConv2d
+    call without a ReLU; every node on the way used only by the next."""
+    seen_bn = False
+    while isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1:
+        module = block.get_submodule(node.target)
+        if isinstance(module, FusedConv2d):
+            ok = seen_bn and not module.relu and len(node.args) == 1 and not node.kwargs
+            return node if ok else None
+        if isinstance(module, (FoldedBatchNorm2d, FoldedSyncBatchNorm)):
+            seen_bn = True
+        elif not is_noop(module):
+            return None
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        node = node.args[0]
+    return None
+
+
+def rewrite(block: nn.Module, graph: fx.Graph) -> list[str]:
+    """Fuse every residual pattern in ``graph`` (a trace of ``block``); the fused conv targets.
+
+    Sets ``relu`` on each fused conv it rewrites, so it only runs where the rewritten graph
+    will be the block's forward."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused, in_place = [], set()
+    for relu_node in list(graph.nodes):
+        if not is_relu_node(relu_node, block) or not isinstance(relu_node.args[0], fx.Node):
+            continue
+        add_node = relu_node.args[0]
+        operands = _add_operands(add_node)
+        if operands is None or len(add_node.users) != 1:
+            continue
+        for i, operand in enumerate(operands):
+            if add_node.op == "call_method" and add_node.target == "add_" and i == 1:
+                break  # x.add_(conv_out) mutates x: not the conv's output
+            conv_node = _fused_conv_feeding(operand, block)
+            other = operands[1 - i]
+            if conv_node is None or calls[conv_node.target] != 1 or not isinstance(other, fx.Node):
+                continue
+            if _depends_on(other, conv_node):
+                continue
+            with graph.inserting_before(add_node):
+                new = graph.call_module(conv_node.target, (conv_node.args[0],), {"residual": other})
+            relu_node.replace_all_uses_with(new)
+            for dead in (relu_node, add_node):
+                graph.erase_node(dead)
+            # The folded BN and no-ops between the conv and the add are now unused.
+            node = operand
+            while node is not conv_node:
+                following = node.args[0]
+                graph.erase_node(node)
+                node = following
+            graph.erase_node(conv_node)
+            fused.append(conv_node.target)
+            if add_node.op == "call_method" and add_node.target == "add_":
+                in_place.add(conv_node.target)  # (fx records ``+=`` as a plain add: not known)
+            break
+    for target in fused:
+        block.get_submodule(target).relu = True
+        block.get_submodule(target).residual_in_place = target in in_place
+    return fused
+
+
+def traced_through(root: nn.Module) -> list[nn.Module]:
+    """The modules whose forward code a trace of ``root`` runs: ``root`` and the plain
+    Sequentials under it (reached through Sequentials only); everything else is a leaf."""
+    out, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        out.append(module)
+        stack.extend(c for c in module.children() if type(c) is nn.Sequential and not has_hooks(c))
+    return out
+
+
+def leaves(root: nn.Module):
+    """The leaf modules a trace of ``root`` calls (at most)."""
+    for module in traced_through(root):
+        yield from (c for c in module.children() if not (type(c) is nn.Sequential and not has_hooks(c)))
+
+
+def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
+    """fx graph of ``root``'s class forward as it runs in train or eval mode; None if it cannot
+    be traced. Only the traced-through modules switch mode (leaves do not run while tracing)."""
+    traced = traced_through(root)
+    modes = [m.training for m in traced]
+    try:
+        for m in traced:
+            m.training = training
+        return SequentialsTraced().trace(root)
+    except Exception:  # data-dependent control flow and the like: leave it alone
+        return None
+    finally:
+        for m, mode in zip(traced, modes):
+            m.training = mode
+
+
+def _plan(block: nn.Module) -> fx.Graph | None:
+    """The block's rewritten graph, if its forward is traceable, mode-independent and has a
+    residual pattern; ``block``'s fused convs get their ReLU flag set."""
+    graphs = [trace_in_mode(block, mode) for mode in (False, True)]
+    if None in graphs:
+        return None
+    codes = [g.python_code("self").src for g in graphs]
+    if codes[0] != codes[1]:
+        return None
+    graph = graphs[0]
+    if not rewrite(block, graph):
+        return None
+    graph.lint()
+    return graph
+
+
+class ResidualForward:
+    """A block's forward after residual fusion: the rewritten graph's generated code.
+
+    Stored as an instance attribute ``forward`` (nn.Module.__call__ reads ``self.forward``), so
+    the block keeps its class. Pickling keeps only the block; the code is regenerated lazily
+    from the class's own forward after a load or copy."""
+
+    def __init__(self, block: nn.Module, graph: fx.Graph | None = None):
+        self.block = block
+        self._code = None if graph is None else _compile(graph)
+
+    def __call__(self, *args, **kwargs):
+        if self._code is None:
+            # After unpickling: the fused convs already carry their residual role (relu set),
+            # so the class forward traces to the same pattern with the conv's flag set.
+            graph = _trace_for_restore(self.block)
+            self._code = _compile(graph)
+        return self._code(self.block, *args, **kwargs)
+
+    def __getstate__(self):
+        return {"block": self.block}
+
+    def __setstate__(self, state):
+        self.block = state["block"]
+        self._code = None
+
+
+def _compile(graph: fx.Graph):
+    code = graph.python_code("self")
+    namespace = dict(code.globals)
+    exec(code.src, namespace)  # noqa: S102  (fx's own code generation, as GraphModule does)
+    return namespace["forward"]
+
+
+def _trace_for_restore(block: nn.Module) -> fx.Graph:
+    """Trace the class forward of an already fused block and redo the rewrite with the fused
+    convs' ReLU flags temporarily cleared (the pattern matcher requires relu=False)."""
+    flagged = [m for m in block.modules() if isinstance(m, FusedConv2d) and m.residual_fused]
+    for m in flagged:
+        m.relu = False
+    graph = trace_in_mode(block, block.training)
+    if graph is None or sorted(rewrite(block, graph)) != sorted(n for n, m in block.named_modules() if m in flagged):
+        for m in flagged:
+            m.relu = True
+        raise RuntimeError(f"resnet_fused: cannot restore the fused forward of {type(block).__name__}")
+    return graph
+
+
+def fuse_residuals(block: nn.Module) -> list[str]:
+    """Replace ``block``'s forward if it has fusible residual patterns; the fused conv names."""
+    if "forward" in block.__dict__:  # already rewritten, or a forward the user set
+        return []
+    graph = _plan(block)
+    if graph is None:
+        return []
+    fused = [node.target for node in graph.nodes if node.op == "call_module" and "residual" in node.kwargs]
+    for target in fused:
+        block.get_submodule(target).residual_fused = True
+    block.forward = ResidualForward(block, graph)
+    return fused

@@ -1,0 +1,240 @@
+"""Residual add + ReLU fused in blocks of any class (residual.py), the conversion report, and the
+model families of the issue: converted vs original, and no BatchNorm/add/ReLU op left where
+the pattern is fusible (aten ops counted with a dispatch mode)."""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import resnet_fused
+from helpers import TextbookBlock, max_rel_error, randomize_batch_norms, textbook_resnet
+from resnet_fused import FusedConv2d
+from resnet_fused.residual import ResidualForward
+
+LEFTOVER = ("native_batch_norm", "batch_norm", "add", "add_", "relu", "relu_", "threshold")
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def leftover(self) -> dict[str, int]:
+        return {name: n for name, n in self.counts.items() if name in LEFTOVER}
+
+
+def check_converted(model, x, backend="cpu", leftover=None, tol=1e-5):
+    model = randomize_batch_norms(model, torch.Generator().manual_seed(0)).eval()
+    converted = resnet_fused.convert(model, backend=backend)
+    with torch.no_grad(), CountOps() as ops:
+        out = converted(x)
+    with torch.no_grad():
+        assert max_rel_error(out, model(x)) < tol
+    if leftover is not None:
+        assert ops.leftover() == leftover
+    return converted
+
+
+class Block(nn.Module):
+    """Parametrized textbook-style block: how the add and the ReLU are written."""
+
+    def __init__(self, add: str, relu: str, shortcut_after: bool = False, noop: bool = False):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                                    nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), *([nn.Identity()] if noop else []))
+        self.shortcut = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+        self.act = nn.ReLU(inplace=relu == "module-inplace")
+        self.add, self.relu, self.shortcut_after = add, relu, shortcut_after
+
+    def forward(self, x):
+        if not self.shortcut_after:
+            identity = self.shortcut(x)
+        out = self.branch(x)
+        if self.shortcut_after:
+            identity = self.shortcut(x)
+        if self.add == "iadd":
+            out += identity
+        elif self.add == "add_":
+            out = out.add_(identity)
+        elif self.add == "torch.add":
+            out = torch.add(out, identity)
+        else:
+            out = identity + out
+        if self.relu.startswith("module"):
+            return self.act(out)
+        return {"F.relu": F.relu, "torch.relu": torch.relu, "relu_": torch.relu_}[self.relu](out)
+
+
+@pytest.mark.parametrize("add,relu", [("iadd", "module"), ("add_", "module-inplace"), ("torch.add", "F.relu"),
+                                      ("plus-reversed", "torch.relu"), ("iadd", "relu_")])
+def test_every_way_to_write_the_residual(add, relu):
+    converted = check_converted(Block(add, relu), torch.randn(2, 6, 7, 5), leftover={})
+    assert type(converted) is Block and isinstance(converted.forward, ResidualForward)
+    # Either conv may carry the add (relu(a + b) is symmetric): the first operand's is tried first.
+    carriers = [m for m in (converted.branch[3], converted.shortcut[0]) if m.residual_fused]
+    assert len(carriers) == 1 and carriers[0].relu
+
+
+def test_shortcut_after_the_conv_and_a_noop_before_the_add():
+    check_converted(Block("iadd", "module", shortcut_after=True, noop=True), torch.randn(2, 6, 5, 5), leftover={})
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class SEBlock(TextbookBlock):
+    def __init__(self):
+        super().__init__(6, 6)
+        self.se = SqueezeExcite(6)
+
+    def forward(self, x):
+        out = self.se(self.conv2(self.conv1(x)))
+        out += x
+        return self.relu(out)
+
+
+class ModeDependent(TextbookBlock):
+    def forward(self, x):
+        out = self.conv2(self.conv1(x))
+        if self.training:
+            out = out * 1.0
+        out += x
+        return self.relu(out)
+
+
+class HookedRelu(TextbookBlock):
+    def __init__(self):
+        super().__init__(6, 6)
+        self.relu.register_forward_hook(lambda m, a, out: out * 2)
+
+
+@pytest.mark.parametrize("factory", [SEBlock, lambda: ModeDependent(6, 6), HookedRelu], ids=["se", "mode", "hook"])
+def test_unfusible_residuals_stay_exact(factory):
+    converted = check_converted(factory(), torch.randn(2, 6, 6, 7))
+    assert "forward" not in converted.__dict__
+    assert not converted.conv2[0].relu
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_textbook_resnet_has_no_leftover_ops(backend):
+    x = torch.randn(2, 3, 9, 8)
+    converted = check_converted(textbook_resnet(), x, backend=backend, leftover={})
+    converted.train()
+    converted(x).sum().backward()  # trains through the rewritten forward
+    assert all(p.grad is not None for p in converted.parameters())
+
+
+def test_block_survives_pickle_deepcopy_and_devices_moves():
+    model = randomize_batch_norms(textbook_resnet(), torch.Generator().manual_seed(1)).eval()
+    converted = resnet_fused.convert(model, backend="cpu")
+    x = torch.randn(2, 3, 9, 8)
+    with torch.no_grad():
+        expected = model(x)
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        buffer.seek(0)
+        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(converted), converted.to("cpu").float()):
+            with CountOps() as ops:
+                assert max_rel_error(other(x), expected) < 1e-5
+            assert ops.leftover() == {}
+            assert isinstance(other[3], TextbookBlock)
+    # checkpoints load both ways
+    converted.load_state_dict(model.state_dict())
+    model.load_state_dict(converted.state_dict())
+
+
+def test_compiles_in_one_graph():
+    converted = resnet_fused.convert(randomize_batch_norms(textbook_resnet()).eval(), backend="cpu")
+    compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert max_rel_error(compiled(x), converted(x)) < 1e-6
+
+
+TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+               "resnext101_32x8d", "wide_resnet50_2"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_families(name):
+    torch.manual_seed(2)
+    check_converted(getattr(torchvision.models, name)(), torch.randn(1, 3, 35, 33), leftover={}, tol=1e-4)
+
+
+@pytest.mark.parametrize("name,leftover", [
+    ("resnet50", {}), ("resnet26d", {}), ("resnet50d", {}),
+    # The SE module sits between bn3 and the add in 12 of 16 blocks: those adds and ReLUs
+    # stay (in the 4 blocks with a projection shortcut the add rides in the shortcut's conv);
+    # the other ReLUs left are the SE modules' own.
+    ("seresnet50", {"add_": 12, "relu_": 28}),
+])
+def test_timm_families(name, leftover):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    check_converted(timm.create_model(name), torch.randn(1, 3, 35, 33), leftover=leftover, tol=1e-4)
+
+
+def test_report_names_what_stays_and_why():
+    timm = pytest.importorskip("timm")
+    _, report = resnet_fused.convert(timm.create_model("seresnet50").eval(), backend="cpu", report=True)
+    assert (report.convs_fused, report.residuals_fused) == (53, 4)
+    text = str(report)
+    assert "SEModule between the BatchNorm and the residual add" in text
+    assert len(text.splitlines()) < 25  # one screen
+
+    _, report = resnet_fused.convert(textbook_resnet(), backend="cpu", report=True)
+    assert (report.convs_fused, report.relus_fused, report.residuals_fused, report.unfused) == (9, 4, 3, [])
+    assert "nothing left unfused" in str(report)
+
+    def frozen(n):
+        return torchvision.ops.FrozenBatchNorm2d(n)
+
+    _, report = resnet_fused.convert(torchvision.models.resnet18(norm_layer=frozen), backend="cpu", report=True)
+    assert report.convs_fused == 0
+    assert "FrozenBatchNorm2d not a plain nn.BatchNorm2d" in str(report)
+
+
+def test_partly_frozen_half_and_ddp(tmp_path):
+    """requires_grad_(False) on part of a rewritten model, .half(), and DDP wrapping."""
+    converted = resnet_fused.convert(textbook_resnet(), backend="cpu").train()
+    converted[3].requires_grad_(False)
+    converted(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert converted[3].conv1[0].weight.grad is None and converted[0].weight.grad is not None
+    half = copy.deepcopy(converted).eval().half()
+    assert isinstance(half[3].forward, ResidualForward)
+    assert all(m.weight.dtype == torch.float16 for m in half.modules() if isinstance(m, FusedConv2d))
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = randomize_batch_norms(textbook_resnet(), torch.Generator().manual_seed(4)).train()
+        ddp = nn.parallel.DistributedDataParallel(resnet_fused.convert(model, backend="cpu"))
+        x = torch.randn(3, 3, 8, 8)
+        out = ddp(x)
+        expected = model(x)
+        assert max_rel_error(out, expected) < 1e-5
+        out.sum().backward()
+        expected.sum().backward()
+        assert max_rel_error(ddp.module[0].weight.grad, model[0].weight.grad) < 1e-4
+    finally:
+        dist.destroy_process_group()
