@@ -8,8 +8,15 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    archs to compile for (default: visible GPUs, else 8.0;9.0+PTX)
   MAX_JOBS                parallel compile jobs (default: min(cores, GiB of RAM / 4))
   CUDA_HOME               CUDA toolkit root (default: found from nvcc, see find_cuda_home)
+
+The CUDA build needs the CUTLASS headers of the pinned package nvidia-cutlass
+(CUTLASS_PIN below; `pip install --no-deps nvidia-cutlass==4.2.0.0`) whenever
+the arch list has an 8.x or 9.0 entry: the cuda backend's fused conv kernels
+are CUTLASS instantiations (csrc/cuda/cutlass_sm90_*.cu, cutlass_sm80_*.cu).
 """
 
+import concurrent.futures as concurrent_futures
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -23,6 +30,9 @@ ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
 # A100 and H100; +PTX lets newer GPUs JIT the sm_90 code instead of failing to load.
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+# The CUTLASS release whose headers the kernels are written against (pyproject's
+# build requirements and the README's install commands pin the same one).
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
 
 
 def env_flag(name: str) -> bool:
@@ -143,6 +153,71 @@ def pip_cuda_includes() -> list[str]:
     return sorted(str(d) for root in roots for d in Path(root).glob("*/include") if d.is_dir())
 
 
+def cutlass_include_dirs() -> tuple[list[str], str]:
+    """CUTLASS's header dirs inside the installed package nvidia-cutlass (module cutlass_library).
+
+    find_spec does not import the package: its Python side needs dependencies that a
+    `pip install --no-deps` leaves out, and only the headers are used here.
+    """
+    spec = importlib.util.find_spec("cutlass_library")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    for root in roots:
+        include = Path(root) / "source" / "include"
+        util = Path(root) / "source" / "tools" / "util" / "include"
+        if (include / "cutlass" / "cutlass.h").exists() and util.is_dir():
+            try:
+                version = importlib.metadata.version("nvidia-cutlass")
+            except importlib.metadata.PackageNotFoundError:
+                version = "unknown version"
+            return [str(include), str(util)], version
+    where = f" (cutlass_library found at {roots[0]}, but without source/include/cutlass)" if roots else ""
+    raise RuntimeError(
+        f"The CUDA build needs the CUTLASS headers from the Python package {CUTLASS_PIN}{where}. "
+        f"Install it with:  pip install --no-deps {CUTLASS_PIN}  "
+        "(offline: pip install --no-deps --no-index --find-links benchmarks/wheels nvidia-cutlass==4.2.0.0), "
+        "or build without CUDA kernels: RESNET_FUSED_NO_CUDA=1."
+    )
+
+
+def cubin_archs(gencodes: list[str]) -> list[int]:
+    """The real archs (80, 90, ...) of torch's -gencode flags; PTX-only entries do not count."""
+    found = set()
+    for flag in gencodes:
+        for arch in re.findall(r"code=\[?sm_(\d+)", flag):
+            found.add(int(arch))
+        for arch in re.findall(r"code=\[([^\]]*)\]", flag):  # code=[sm_80,compute_80]
+            found.update(int(a) for a in re.findall(r"sm_(\d+)", arch))
+    return sorted(found)
+
+
+def cutlass_groups(archs: list[int], include_dirs: list[str]) -> list[dict]:
+    """The CUTLASS kernel files and the nvcc flags of each family (see BuildWithArchGroups).
+
+    sm90 (wgmma, TMA): compiled only for sm_90a, the one target those instructions
+    exist on; built when 9.0 is in the arch list. sm80 (mma.sync): compiled for every
+    8.x and 9.0 cubin in the arch list (on Hopper it is the fallback for problems the
+    sm90 kernel cannot take). -DNDEBUG: CUTLASS's device asserts off (with them ptxas
+    serializes wgmma). No PTX: a GPU without a matching cubin takes the exact path.
+    """
+    groups = []
+    if 90 in archs:
+        groups.append({
+            "name": "cutlass_sm90",
+            "sources": rel(CSRC.glob("cuda/cutlass_sm90_*.cu")),
+            "nvcc": ["-gencode=arch=compute_90a,code=sm_90a", "-DNDEBUG"],
+            "include_dirs": include_dirs,
+        })
+    sm80 = [a for a in archs if 80 <= a <= 90]
+    if sm80:
+        groups.append({
+            "name": "cutlass_sm80",
+            "sources": rel(CSRC.glob("cuda/cutlass_sm80_*.cu")),
+            "nvcc": [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sm80] + ["-DNDEBUG"],
+            "include_dirs": include_dirs,
+        })
+    return groups
+
+
 def c_string(value: str) -> str:
     # A macro whose value is a C string literal; torch shell-quotes each flag, so
     # the double quotes reach the compiler intact.
@@ -167,12 +242,14 @@ def make_extension():
     nvcc_flags = ["-O3", "-lineinfo"]
 
     archs = cuda_version = None
-    gencodes, extra_includes = [], []
+    gencodes, extra_includes, groups = [], [], []
+    cutlass_line = "-"
     if with_cuda:
         archs, archs_from = cuda_arch_list()
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         cuda_version = nvcc_version()
-        sources += rel(CSRC.glob("cuda/*.cu"))
+        # The CUTLASS kernel files build in their own groups, with their own arch flags.
+        sources += rel(p for p in CSRC.glob("cuda/*.cu") if not p.name.startswith("cutlass_"))
         # Pass the -gencode flags ourselves: torch adds none when any nvcc flag
         # contains "arch", which an include path like /home/me/research/... does.
         gencodes = _get_cuda_arch_flags()
@@ -185,6 +262,18 @@ def make_extension():
             ("RESNET_FUSED_CUDA_ARCHS", c_string(archs)),
             ("RESNET_FUSED_CUDA_VERSION", c_string(cuda_version)),
         ]
+        real_archs = cubin_archs(gencodes)
+        if any(80 <= a <= 90 for a in real_archs):
+            cutlass_dirs, cutlass_version = cutlass_include_dirs()
+            groups = cutlass_groups(real_archs, cutlass_dirs)
+            cutlass_line = f"nvidia-cutlass {cutlass_version}, {Path(cutlass_dirs[0]).parent.parent}"
+        else:
+            cutlass_line = f"none (no 8.x or 9.0 cubin in {archs}): every conv takes cuDNN + epilogue"
+        sm80 = [a for a in real_archs if 80 <= a <= 90]
+        if any(g["name"] == "cutlass_sm90" for g in groups):
+            macros.append(("RESNET_FUSED_CUTLASS_SM90", "1"))
+        if any(g["name"] == "cutlass_sm80" for g in groups):
+            macros.append(("RESNET_FUSED_CUTLASS_SM80_ARCHS", c_string(";".join(map(str, sm80)))))
 
     lines = [
         f"CUDA kernels : {'ON' if with_cuda else 'OFF'} ({why})",
@@ -194,21 +283,89 @@ def make_extension():
         f"nvcc CUDA    : {cuda_version or '-'}",
         f"CUDA_HOME    : {CUDA_HOME}",
         f"lib headers  : {' '.join(extra_includes) or '-'} (-idirafter, CUDA only)",
+        f"CUTLASS      : {cutlass_line}",
+        *(f"  {g['name']}: {len(g['sources'])} files, {' '.join(f for f in g['nvcc'] if 'gencode' in f)}"
+          for g in groups),
         f"MAX_JOBS     : {os.environ['MAX_JOBS']}",
     ]
     print("resnet_fused build configuration\n  " + "\n  ".join(lines), flush=True)
 
     ext = CUDAExtension if with_cuda else CppExtension
-    return ext(
+    extension = ext(
         name="resnet_fused._C",
         sources=sources,
         include_dirs=[str(CSRC)],
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
+    extension.arch_groups = groups
+    return extension
+
+
+class BuildWithArchGroups(BuildExtension):
+    """torch's BuildExtension, plus source groups that get their own nvcc arch flags.
+
+    BuildExtension gives every .cu file of an extension the same nvcc flags, but the
+    sm90 CUTLASS kernels must be compiled for sm_90a only (and the sm80 ones for the
+    8.x/9.0 archs only). Each group goes through the same compiler wrapper torch
+    installs (ninja, MAX_JOBS, torch's include dirs and defines) in its own build
+    folder, with the extension's nvcc flags minus their -gencode entries plus the
+    group's; the objects are linked into the one extension, so conv_bn_act.cu calls
+    the kernels directly. Considered and not taken: a second extension module per arch
+    (the op would have to find its kernels across two shared objects at run time).
+
+    The groups run one after the other, each parallel inside, when MAX_JOBS is smaller
+    than the number of source files (CI: 2 cores); with enough cores (a GPU machine)
+    they run at the same time, so the sm90 kernels compile while the rest does.
+    """
+
+    def build_extension(self, ext):
+        groups = getattr(ext, "arch_groups", [])
+        if not groups:
+            return super().build_extension(ext)
+        args = ext.extra_compile_args
+        base_nvcc = [f for f in args["nvcc"] if not f.startswith("-gencode")]
+        macros = list(ext.define_macros) + [(name,) for name in ext.undef_macros]
+
+        # Bound before the wrapper below replaces it: the group threads must not
+        # call the wrapper, which waits for them.
+        original = self.compiler.compile
+
+        def compile_group(group):
+            return original(
+                group["sources"],
+                output_dir=os.path.join(self.build_temp, group["name"]),
+                macros=macros,
+                include_dirs=list(ext.include_dirs) + group["include_dirs"],
+                debug=self.debug,
+                extra_postargs={**args, "nvcc": base_nvcc + group["nvcc"]},
+                depends=ext.depends,
+            )
+
+        total = len(ext.sources) + sum(len(g["sources"]) for g in groups)
+        concurrent = int(os.environ["MAX_JOBS"]) >= total
+        pool = concurrent_futures.ThreadPoolExecutor(len(groups)) if concurrent else None
+        futures = [pool.submit(compile_group, g) if pool else None for g in groups]
+        group_objects = [] if pool else [obj for g in groups for obj in compile_group(g)]
+
+        def compile_then_collect(*a, **kw):
+            # setuptools compiles ext.sources with this, then links what it returns.
+            objects = original(*a, **kw)
+            for future in futures:
+                if future is not None:
+                    objects += future.result()
+            return objects + group_objects
+
+        self.compiler.compile = compile_then_collect
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = original
+            if pool:
+                pool.shutdown(wait=True)
 
 
 setup(
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithArchGroups.with_options(use_ninja=True)},
 )

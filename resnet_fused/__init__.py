@@ -2,6 +2,7 @@
 
 from .backends import BACKENDS, available_backends
 from .convert import convert
+from .freeze import FrozenModel, freeze
 from .functional import conv_batch_norm_act, conv_bn_act
 from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d
 
@@ -11,6 +12,7 @@ __all__ = [
     "BACKENDS",
     "FoldedBatchNorm2d",
     "FoldedSyncBatchNorm",
+    "FrozenModel",
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConv2d",
@@ -18,4 +20,5 @@ __all__ = [
     "conv_batch_norm_act",
     "conv_bn_act",
     "convert",
+    "freeze",
 ]

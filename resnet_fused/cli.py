@@ -1,4 +1,11 @@
-"""The ``resnet-fused`` console script: ``info`` and ``bench``."""
+"""The ``resnet-fused`` console script: ``info`` and ``bench``.
+
+``bench`` compares, on this machine's device and in one process, the unfused model (eager NCHW
+and channels_last), torch.compile, each fused backend and (CPU inference) the frozen model; see
+``resnet_fused/bench.py`` for what each variant is and how it is timed. A request that cannot
+run here (unknown model, a backend or dtype the device lacks, batch < 1) gets a one-line error
+and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,16 @@ import sys
 from pathlib import Path
 
 import torch
+
+CPU_DEFAULTS = {"model": "resnet18", "batch": 8, "size": 224, "dtype": "fp32", "rounds": 10, "warmup": 2}
+GPU_DEFAULTS = {"model": "resnet50", "batch": 256, "size": 224, "dtype": "fp16", "rounds": 30, "warmup": 3}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def info() -> int:
@@ -40,73 +57,243 @@ def info() -> int:
     return 0
 
 
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
 def bench(args: argparse.Namespace) -> int:
-    import torchvision.models
     from rich.console import Console
-    from rich.table import Table
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .bench import DTYPES, bench_model
+    from .bench import BenchError, run_bench
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
-    batch = args.batch or (64 if gpu else 8)
-    dtype = DTYPES[args.dtype or ("fp16" if gpu else "fp32")]
-    channels_last = gpu if args.channels_last is None else args.channels_last
-    rounds = args.rounds or (50 if gpu else 20)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)()
     console = Console()
-    where = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
-    console.print(
-        f"{args.model} {'training step' if args.mode == 'train' else 'eval'}, batch {batch}, {args.size}x{args.size}, {args.dtype or str(dtype).removeprefix('torch.')}, "
-        f"{'channels_last' if channels_last else 'NCHW'}, on {where}; median of {rounds} interleaved rounds"
-    )
-    results = bench_model(model, batch, args.size, device, dtype, channels_last, args.warmup, rounds, args.compile,
-                          args.mode)
-    memory = "peak MiB" if gpu else ("saved MiB" if args.mode == "train" else None)
-    table = Table()
-    for column in ("variant", "median ms", "img/s", "speedup", "max |diff|", *([memory] if memory else [])):
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    for r in results:
-        table.add_row(r.name, f"{r.median_s * 1e3:.2f}", f"{r.images_per_s:.1f}", f"{r.speedup:.3f}x",
-                      f"{r.max_abs_diff:.2e}", *([f"{r.memory_mb:.0f}"] if memory else []))
-    console.print(table)
-    setting = {"model": args.model, "mode": args.mode, "batch": batch, "size": args.size,
-               "dtype": args.dtype or str(dtype).removeprefix("torch."), "channels_last": channels_last, "device": where}
-    rows = [{**setting, **dataclasses.asdict(r)} for r in results]
+    if not console.is_terminal:  # files and pipes: no cropping at 80 columns
+        console = Console(width=200)
+    err = Console(stderr=True)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        return _fail(f"unknown --device {args.device!r}; use cpu or cuda")
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    opts = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    with_compile = (args.mode == "infer") if args.compile is None else args.compile
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _fail("--plot needs matplotlib: pip install matplotlib (or pip install 'resnet_fused[plot]')")
+    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            return _fail(f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
+    backends = [b for part in args.backend or [] for b in part.split(",") if b] or None
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+    with progress:
+        task = progress.add_task("starting", total=1)
+
+        def update(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=max(total, 1), description=what)
+
+        try:
+            report = run_bench(
+                opts["model"], device=device, dtype_name=opts["dtype"], mode=args.mode, batch=opts["batch"],
+                size=opts["size"], channels_last=args.channels_last, warmup=opts["warmup"], rounds=opts["rounds"],
+                with_compile=with_compile, backends=backends, per_layer=args.per_layer, progress=update)
+        except BenchError as error:
+            progress.stop()
+            return _fail(str(error))
+    _print_report(console, report)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(report_dict(report), indent=1) + "\n")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(report, Path(args.csv))
+    if args.plot:
+        write_plot(report, Path(args.plot))
+        console.print(f"plot written to {args.plot}")
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"resnet-fused bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _print_report(console, report) -> None:
+    from rich.table import Table
+
+    with_compile = any(r.speedup_vs_compile is not None for r in report.results)
+    s, peaks = report.setting, report.peaks
+    console.print(
+        f"{s['model']} {'training step' if s['mode'] == 'train' else 'eval'}, batch {s['batch']}, "
+        f"{s['size']}x{s['size']}, {s['dtype']}, fused/compiled variants {'channels_last' if s['channels_last'] else 'NCHW'}, "
+        f"on {s['device']}, torch {s['torch']}; median of {s['rounds']} interleaved rounds"
+    )
+    if report.macs_per_image is not None and peaks is not None:
+        console.print(
+            f"{report.macs_per_image / 1e9:.2f} GMAC per image (Conv2d + Linear); measured peaks: "
+            f"{peaks.flops / 1e12:.3f} TFLOP/s ({peaks.matmul_n}^3 matmul, {s['dtype']}), "
+            f"{peaks.bytes / 1e9:.1f} GB/s ({peaks.copy_mb:.0f} MiB copy, read + write)"
+        )
+    gpu = s["device_type"] == "cuda"
+    memory = "peak MiB" if gpu else ("saved MiB" if s["mode"] == "train" else None)
+    table = Table()
+    columns = ["variant", "median ms", "img/s", "± %", "vs eager", *(["vs compile"] if with_compile else []),
+               "TFLOP/s", "% peak", "max |diff|", *([memory] if memory else [])]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in report.results:
+        table.add_row(
+            r.name, f"{r.median_s * 1e3:.2f}", f"{r.images_per_s:.1f}", f"{100 * r.spread:.1f}", f"{r.speedup:.2f}x",
+            *([_fmt(r.speedup_vs_compile, ".2f") + ("x" if r.speedup_vs_compile is not None else "")] if with_compile else []),
+            _fmt(r.tflops, ".3f"), _fmt(r.peak_pct, ".1f"), f"{r.max_abs_diff:.1e}",
+            *([f"{r.memory_mb:.0f}"] if memory else []),
+        )
+    console.print(table)
+    if report.layers:
+        console.print(_layer_table(report.layers))
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def _layer_table(layers):
+    from rich.table import Table
+
+    variants = list(layers[0].times)
+    table = Table(title="per layer: ms per call; floor = max(FLOP / peak FLOP/s, bytes / peak bytes/s)")
+    for column in ("layer", "n", "input -> weight", "GFLOP", "MB", "floor", *variants, "fused/floor"):
+        table.add_column(column, justify="left" if column in ("layer", "input -> weight") else "right")
+    for layer in layers:
+        fused = next((t for name, t in layer.times.items() if name.startswith("fused")), None)
+        shape = (f"{'x'.join(map(str, layer.input))} -> {'x'.join(map(str, layer.weight))} s{layer.stride[0]}"
+                 f"{' +res' if layer.residual else ''}{'' if layer.relu else ' no-relu'}")
+        table.add_row(
+            layer.name, str(layer.count), shape, f"{layer.flops / 1e9:.2f}", f"{layer.min_bytes / 1e6:.1f}",
+            f"{layer.floor_s * 1e3:.3f}", *(f"{layer.times[v] * 1e3:.3f}" for v in variants),
+            _fmt(None if fused is None else fused / layer.floor_s, ".1f"),
+        )
+    return table
+
+
+def report_dict(report) -> dict:
+    return {
+        "setting": report.setting,
+        "peaks": None if report.peaks is None else dataclasses.asdict(report.peaks),
+        "macs_per_image": report.macs_per_image,
+        "variants": [dataclasses.asdict(r) for r in report.results],
+        "layers": [dataclasses.asdict(layer) for layer in report.layers],
+        "notes": report.notes,
+    }
+
+
+def _layer_rows(report) -> list[dict]:
+    rows = []
+    for layer in report.layers:
+        row = dataclasses.asdict(layer)
+        times = row.pop("times")
+        for key in ("input", "weight", "stride", "padding", "dilation"):
+            row[key] = "x".join(map(str, row[key]))
+        row.update({f"{name} ms": round(t * 1e3, 4) for name, t in times.items()})
+        row["floor ms"] = round(row.pop("floor_s") * 1e3, 4)
+        rows.append(row)
+    return rows
+
+
+def write_csv(report, path: Path) -> None:
+    """One row per variant (with the setting and peaks); with per-layer results, also
+    ``<stem>-layers.csv`` beside it, one row per distinct conv unit."""
+    peaks = {} if report.peaks is None else {"peak_tflops": report.peaks.flops / 1e12, "peak_gbps": report.peaks.bytes / 1e9}
+    rows = [{**report.setting, **peaks, "gmac_per_image": (report.macs_per_image or 0) / 1e9, **dataclasses.asdict(r)}
+            for r in report.results]
+    _write_rows(path, rows)
+    if report.layers:
+        _write_rows(path.with_name(f"{path.stem}-layers{path.suffix or '.csv'}"),
+                    [{**report.setting, **row} for row in _layer_rows(report)])
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_plot(report, path: Path) -> None:
+    """Speedup vs eager per variant; with per-layer results, each layer's time against its floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if report.layers else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 4 + 4 * (panels - 1)), squeeze=False)
+    ax = axes[0][0]
+    names = [r.name for r in report.results]
+    ax.barh(names, [r.speedup for r in report.results], xerr=[r.speedup * r.spread for r in report.results], color="tab:blue")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    s = report.setting
+    ax.set_xlabel("speedup vs eager (higher is better)")
+    ax.set_title(f"{s['model']} {s['mode']}, batch {s['batch']}, {s['size']}px, {s['dtype']}, {s['device']}")
+    if report.layers:
+        ax = axes[1][0]
+        variants = list(report.layers[0].times)
+        labels = [f"{layer.name} ({'x'.join(map(str, layer.input[1:]))})" for layer in report.layers]
+        width = 0.8 / (len(variants) + 1)
+        for i, variant in enumerate(["floor", *variants]):
+            values = [layer.floor_s * 1e3 if variant == "floor" else layer.times[variant] * 1e3 for layer in report.layers]
+            ax.bar([j + i * width for j in range(len(labels))], values, width, label=variant,
+                   color="black" if variant == "floor" else None)
+        ax.set_xticks([j + 0.4 for j in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per call (log)")
+        ax.legend(fontsize=7, ncol=len(variants) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="resnet-fused", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="resnet-fused", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands.add_parser("info", help="versions, extension build, backends and GPU")
-    b = commands.add_parser("bench", help="fused vs eager unfused throughput on this machine's device")
-    b.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+    b = commands.add_parser(
+        "bench", help="eager vs torch.compile vs fused vs frozen throughput on this machine's device",
+        description="Time the variants of one model side by side (interleaved rounds, medians). Defaults: on a GPU "
+                    "resnet50, batch 256, 224px, fp16; on a CPU resnet18, batch 8, 224px, fp32 (about 1-2 minutes "
+                    "on 2 cores, compile included).")
+    b.add_argument("--model", help="torchvision resnet*/resnext*/wide_resnet* name, paper:<name> for resnet_fused.models "
+                                   "(e.g. paper:resnet56), or a timm name when timm is installed "
+                                   "(default resnet50 on GPU, resnet18 on CPU)")
     b.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     b.add_argument("--mode", choices=["infer", "train"], default="infer",
                    help="infer: eval forward; train: forward + backward + SGD step (fp16/bf16 under autocast)")
-    b.add_argument("--batch", type=int, help="default 64 on GPU, 8 on CPU")
-    b.add_argument("--size", type=int, default=224, help="image side (default 224)")
-    b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp16 on GPU, fp32 on CPU")
-    b.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None)
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--rounds", type=int, help="timed rounds per variant (default 50 GPU, 20 CPU)")
-    b.add_argument("--csv", metavar="PATH", help="also write the results as CSV")
+    b.add_argument("--batch", type=int, help="default 256 on GPU, 8 on CPU")
+    b.add_argument("--size", type=int, help="image side (default 224)")
+    b.add_argument("--dtype", help="fp32, tf32 (GPU), fp16 or bf16 (default fp16 on GPU, fp32 on CPU)")
+    b.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="layout of the compiled and fused variants (default on; eager runs both layouts)")
+    b.add_argument("--backend", action="append", metavar="NAME",
+                   help="fused backend(s) to time, e.g. --backend cpu or --backend triton,cuda (default: all here)")
+    b.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="time torch.compile of the unfused model (CPU: Inductor freezing for inference; GPU: "
+                        "max-autotune). Default: on for --mode infer, off for --mode train (compiling backward "
+                        "takes minutes)")
+    b.add_argument("--per-layer", action="store_true",
+                   help="also time every distinct fused conv unit: fused op vs unfused sequence vs conv alone vs the floor")
+    b.add_argument("--warmup", type=int, help="untimed calls per variant (default 3 GPU, 2 CPU)")
+    b.add_argument("--rounds", type=int, help="timed rounds per variant (default 30 GPU, 10 CPU)")
+    b.add_argument("--csv", metavar="PATH", help="also write the results as CSV (per-layer rows: PATH's stem + '-layers.csv')")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    b.add_argument("--compile", action="store_true", help="also time torch.compile of the unfused model (compiles first: minutes on a CPU)")
+    b.add_argument("--plot", metavar="PNG", help="also draw speedups (and per-layer times vs floor); needs matplotlib")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
-    if args.batch is not None and args.batch < 1 or args.size < 32:
-        parser.error("--batch must be >= 1 and --size >= 32")
+    if args.rounds is not None and args.rounds < 1:
+        return _fail("--rounds must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        return _fail("--warmup must be >= 0")
     return bench(args)
 
 

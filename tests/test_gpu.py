@@ -150,3 +150,152 @@ def test_converted_resnet50_half_channels_last(dtype):
         unfused = model(x_low)
         fused = resnet_fused.convert(model)(x_low)
     assert_low_precision_close(fused, unfused, exact)
+
+
+# ---------------------------------------------------------------------------
+# The cuda backend's CUTLASS path (csrc/cuda/cutlass_*.cu): one fused launch per conv where
+# _C.cuda_conv_plan says so, the exact cuDNN + epilogue path elsewhere. Each case also checks,
+# with the op's dispatch counters, that the kernel the plan names is the one that ran.
+
+from test_cuda_dispatch import RESNET50, RESNET50_IDS  # noqa: E402
+
+# Odd shapes as (N, C, H, W, K, kernel, stride, padding, dilation), fused or not.
+CUTLASS_ODD = {
+    "stem-C3": (2, 3, 32, 32, 64, 7, 2, 3, 1),  # exact path: C = 3
+    "C8-7x7-stride2": (2, 8, 33, 31, 64, 7, 2, 3, 1),
+    "C12": (2, 12, 9, 9, 16, 3, 1, 1, 1),  # exact path
+    "K20": (2, 16, 9, 9, 20, 3, 1, 1, 1),  # exact path
+    "dilation2": (2, 32, 15, 13, 48, 3, 1, 2, 2),
+    "asymmetric": (1, 16, 9, 8, 24, 3, (2, 1), (1, 0), 1),
+    "tiny-M": (1, 64, 1, 1, 8, 1, 1, 0, 1),
+    "pad130": (1, 16, 4, 4, 16, 3, 1, 130, 1),  # past TMA's corner limits: sm80 on Hopper
+}
+
+
+def _resnet_case(shape: dict) -> tuple:
+    n, c, h, w = shape["input_shape"]
+    k, _, r, _ = shape["weight_shape"]
+    return (n, c, h, w, k, r, shape["stride"][0], shape["padding"][0], shape["dilation"][0])
+
+
+CUTLASS_SHAPES = {**{i: _resnet_case(s) for i, s in zip(RESNET50_IDS, RESNET50)}, **CUTLASS_ODD}
+
+
+def _cuda_plan(x, weight, conv_args, groups=1):
+    pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
+    props = torch.cuda.get_device_properties(x.device)
+    return resnet_fused._C.cuda_conv_plan(
+        list(x.shape), list(weight.shape), pair(conv_args["stride"]), pair(conv_args["padding"]),
+        pair(conv_args["dilation"]), groups, str(x.dtype).removeprefix("torch."),
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+        (props.major, props.minor), props.multi_processor_count,
+    )
+
+
+def _run_counted(x, weight, bn, residual, conv_args, relu, groups=1):
+    """The cuda op, and which CUTLASS kernel (or None) actually ran it."""
+    before = resnet_fused._C.cuda_dispatch_counts()
+    out = fused(x, weight, bn, residual, conv_args, "cuda", relu, groups=groups)
+    torch.cuda.synchronize()
+    after = resnet_fused._C.cuda_dispatch_counts()
+    ran = [name for name in after if after[name] != before[name]]
+    assert after["fallback_runtime"] == before["fallback_runtime"], "CUTLASS refused a planned problem or failed"
+    return out, ran
+
+
+@pytest.fixture(params=[True, False], ids=["sm90", "sm80"])
+def cutlass_family(request):
+    """sm90 kernels (the default on Hopper), or with them off the sm80 kernels' sm_90 cubins."""
+    if not request.param and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm80-on-Hopper variant needs a 9.0 GPU (elsewhere sm80 is the default)")
+    previous = resnet_fused._C.cuda_conv_enable_sm90(request.param)
+    yield "sm90" if request.param and torch.cuda.get_device_capability() == (9, 0) else "sm80"
+    resnet_fused._C.cuda_conv_enable_sm90(previous)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["res", "nores"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", CUTLASS_SHAPES)
+def test_cutlass_op_matches_reference(name, dtype, channels_last, with_residual, relu, cutlass_family):
+    # Every residual/ReLU combination in channels_last; NCHW (the same kernel between two layout
+    # copies) and the sm80-on-Hopper variant with two of them, to keep the GPU run short.
+    if (not channels_last or cutlass_family == "sm80") and (
+        (channels_last, with_residual, relu) not in ((True, True, True), (False, False, False))
+    ):
+        pytest.skip("covered by the other layout/residual/ReLU combinations")
+    x, weight, bn, residual, conv_args = make_case(CUTLASS_SHAPES[name], torch.float32, channels_last, with_residual, 11)
+    to = lambda t: None if t is None else t.cuda()  # noqa: E731
+    x, weight, residual = to(x), to(weight), to(residual)
+    bn = {k: v.cuda() for k, v in bn.items()}
+    exact = reference.conv_bn_act(
+        x.double(), weight.double(), None, *(t.double() for t in bn.values()),
+        residual=None if residual is None else residual.double(), relu=relu, **conv_args,
+    )
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, weight = cast(x).contiguous(memory_format=fmt), cast(weight)
+    residual = None if residual is None else cast(residual).contiguous(memory_format=fmt)
+    unfused = reference.conv_bn_act(x, weight, None, *bn.values(), residual=residual, relu=relu, **conv_args)
+
+    plan = _cuda_plan(x, weight, conv_args)
+    out, ran = _run_counted(x, weight, bn, residual, conv_args, relu)
+    assert ran == ([plan["kernel"]] if plan["kernel"] else ["fallback_plan"]), (plan, ran)
+    if name in RESNET50_IDS and "stem" not in name and CUTLASS_SHAPES[name][1] != 3:
+        assert plan["kernel"] is not None and plan["kernel"].startswith(cutlass_family), plan
+    check(out, exact, unfused, dtype, channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16-groups2"])
+def test_cutlass_exact_path_cases(dtype):
+    """fp32 and grouped convs go to cuDNN + epilogue, with the same answer as before."""
+    groups = 1 if dtype == torch.float32 else 2
+    x, weight, bn, residual, conv_args, exact, unfused = gpu_case("3x3-128", dtype, True, True)
+    if groups == 2:
+        weight = weight[:, : weight.shape[1] // 2].contiguous()
+        exact = reference.conv_bn_act(
+            x.double(), weight.double(), None, *(t.double() for t in bn.values()), residual=residual.double(),
+            groups=2, **conv_args,
+        )
+        unfused = reference.conv_bn_act(x, weight, None, *bn.values(), residual=residual, groups=2, **conv_args)
+    out, ran = _run_counted(x, weight, bn, residual, conv_args, True, groups=groups)
+    assert ran == ["fallback_plan"]
+    check(out, exact, unfused, dtype, True)
+
+
+def test_cutlass_reads_live_batch_norm():
+    """No fold cache: a changed BN tensor changes the next call's answer."""
+    x, weight, bn, residual, conv_args, _, _ = gpu_case("3x3-128", torch.float16, True, True)
+    first = fused(x, weight, bn, residual, conv_args, "cuda")
+    bn["running_var"].mul_(4)
+    second = fused(x, weight, bn, residual, conv_args, "cuda")
+    expected = reference.conv_bn_act(x, weight, None, *bn.values(), residual=residual, **conv_args)
+    torch.cuda.synchronize()
+    assert not torch.equal(first, second)
+    assert max_rel_error(second, expected) < 2e-2
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_converted_resnet50_cuda_backend(dtype, channels_last):
+    """convert(resnet50, backend="cuda") end to end: 52 of its 53 convs take a CUTLASS kernel
+    (the C = 3 stem takes cuDNN + epilogue), within the low-precision rule."""
+    torch.manual_seed(3)
+    model = randomize_batch_norms(resnet50(), torch.Generator().manual_seed(3)).eval().cuda()
+    x = torch.randn(4, 3, 160, 160, device="cuda")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.inference_mode():
+        exact = model.double()(x.double())
+        model = model.to(dtype).to(memory_format=fmt)
+        x_low = x.to(dtype).contiguous(memory_format=fmt)
+        unfused = model(x_low)
+        converted = resnet_fused.convert(model, backend="cuda")
+        before = resnet_fused._C.cuda_dispatch_counts()
+        out = converted(x_low)
+        torch.cuda.synchronize()
+        after = resnet_fused._C.cuda_dispatch_counts()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["fallback_plan"] == 1 and delta["fallback_runtime"] == 0, delta
+    assert sum(v for k, v in delta.items() if not k.startswith("fallback")) == 52, delta
+    assert_low_precision_close(out, unfused, exact)
