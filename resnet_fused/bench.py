@@ -214,22 +214,18 @@ def count_macs(model: nn.Module, size: int, device: torch.device | None = None) 
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> Peaks:
-    """The best of several timings of large square matmuls in ``dtype`` (on a CPU two sizes,
-    since the fastest depends on the cache and on AMX) and of a large copy."""
+    """The best of a few timings of a large square matmul in ``dtype`` and of a large copy."""
     gpu = device.type == "cuda"
-    best_flops, best_n = 0.0, 0
-    for n in (8192,) if gpu else (1024, 2048):
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        with _tf32(tf32) if gpu else contextlib.nullcontext():
-            flops = 2 * n**3 / _best_time(lambda: torch.mm(a, b), device, 10 if gpu else 5)
-        if flops > best_flops:
-            best_flops, best_n = flops, n
+    n = 8192 if gpu else 2048
     elements = (1 << 28) if gpu else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     src = torch.empty(elements, device=device).fill_(1.0)
     dst = torch.empty_like(src)
+    with _tf32(tf32) if gpu else contextlib.nullcontext():
+        matmul = _best_time(lambda: torch.mm(a, b), device, 5 if gpu else 3)
     copy_s = _best_time(lambda: dst.copy_(src), device, 5)
-    return Peaks(flops=best_flops, bytes=2 * src.numel() * src.element_size() / copy_s, matmul_n=best_n,
+    return Peaks(flops=2 * n**3 / matmul, bytes=2 * src.numel() * src.element_size() / copy_s, matmul_n=n,
                  copy_mb=src.numel() * src.element_size() / 2**20)
 
 
@@ -406,11 +402,11 @@ def bench_model(
             samples = time_rounds(steps, device, warmup, rounds, progress, done, total)
         else:
             calls = {name: _infer_call(m, xi, device, amp) for name, (m, xi, amp) in models.items()}
-            # Freezing stays on for every call: a recompile (a guard that fails later) freezes too.
-            with torch.inference_mode(), _inductor_freezing(not gpu):
+            with torch.inference_mode():
                 if compile_name and progress:
                     progress(done, total, f"compiling ({compile_name}; a minute or more on a CPU)")
-                outputs = _first_outputs(calls, compile_name, notes)
+                with _inductor_freezing(not gpu):
+                    outputs = _first_outputs(calls, compile_name, notes)
                 calls = {name: calls[name] for name in outputs}
                 if compile_name:
                     tick("compiled")

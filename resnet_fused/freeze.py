@@ -266,11 +266,9 @@ class FrozenStage(nn.Sequential):
     the previous block's output, and accumulates its result into it (unless a hook may hold it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A global forward hook (nn.modules.module.register_module_forward_hook) may keep outputs.
-        hooked = bool(getattr(nn.modules.module, "_global_forward_hooks", True))
         previous = None
         for block in self:
-            x = block(x, accumulate=previous is not None and not hooked and not has_hooks(previous))
+            x = block(x, accumulate=previous is not None and not has_hooks(previous))
             previous = block
         return x
 
