@@ -4,6 +4,7 @@ status 2. No timing is asserted: the bench runs here only at toy sizes."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -105,9 +106,12 @@ def test_help_lists_the_options(capsys):
 
 
 def test_tiny_run_writes_csv_and_json(tmp_path, capsys):
-    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
-    status, out, err = run_cli([*TINY, "--per-layer", "--csv", str(csv_path), "--json", str(json_path)], capsys)
+    csv_path, json_path, png = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "r.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    status, out, err = run_cli([*TINY, "--per-layer", "--csv", str(csv_path), "--json", str(json_path), *plot], capsys)
     assert status == 0, err
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected = ["eager", "eager channels_last"]
     if "cpu" in available_backends():
         expected.append("fused: cpu")

@@ -153,6 +153,16 @@ def test_input_and_retained_outputs_are_never_overwritten(packed_or_skip):
         assert max_rel_error(out, model(x)) <= 1e-4
     assert torch.equal(x, x_before)
     assert torch.equal(kept[0][0], kept[0][1])
+    # A global forward hook (here keeping every block's output) turns accumulation off too.
+    kept.clear()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: kept.append((out, out.clone())) if isinstance(m, freeze_module.FrozenBlock) else None)
+    try:
+        with torch.no_grad():
+            frozen(x)
+    finally:
+        handle.remove()
+    assert len(kept) >= 3 and all(torch.equal(a, b) for a, b in kept)  # 3 blocks (+1 from the hook above)
 
 
 def test_fallback_when_the_onednn_ops_are_missing(monkeypatch):
