@@ -116,11 +116,11 @@ def conv_bn_act(
     check_conv_bn_act(x, weight, per_channel, eps, residual, stride, padding, dilation, groups)
     bn_args = (bias, bn_weight, bn_bias, running_mean, running_var, float(eps))
     chosen = backends.resolve(backend, x.device)
-    if chosen == "triton" and groups == 1:
-        return conv_bn_act_triton(x, weight, *bn_args, residual, stride, padding, dilation, relu, conv_allows_tf32())
+    if chosen == "triton":
+        return conv_bn_act_triton(x, weight, *bn_args, residual, stride, padding, dilation, groups, relu,
+                                  conv_allows_tf32())
     if chosen in ("cpu", "cuda"):
         return torch.ops.resnet_fused.conv_bn_act(x, weight, *bn_args, residual, stride, padding, dilation, groups, relu)
-    # Grouped convolutions are not tiled by the Triton kernel: the plain-torch path is exact.
     return reference.conv_bn_act(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=eps, residual=residual,
         relu=relu, stride=stride, padding=padding, dilation=dilation, groups=groups,

@@ -86,11 +86,7 @@ def _triton_kernels() -> Kernels:
     from .ops import bn_act, conv_bn_stats
 
     def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
-        if groups == 1:
-            return conv_bn_stats.conv_bn_stats_triton(x, weight, bias, stride, padding, dilation, allow_tf32)
-        # Grouped convolutions are not tiled by the Triton conv: cuDNN's, then the statistics.
-        y = _conv(x, weight, bias, stride, padding, dilation, groups)
-        return (y, *reference.bn_stats(y))
+        return conv_bn_stats.conv_bn_stats_triton(x, weight, bias, stride, padding, dilation, groups, allow_tf32)
 
     return Kernels(conv_stats, bn_act.bn_act_apply_triton, bn_act.bn_act_backward_reduce_triton,
                    bn_act.bn_act_backward_apply_triton, bn_act.bn_update_running_stats_triton_)

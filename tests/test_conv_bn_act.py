@@ -123,12 +123,79 @@ def test_strided_views_and_broadcast_residual():
     assert max_rel_error(out, exact) < 1e-5
 
 
-def test_grouped_convolution_is_routed_to_reference():
-    x, weight, bn, _, conv_args = make_case((1, 6, 7, 7, 4, 3, 1, 1, 1), torch.float32, False, False, 13)
-    weight = weight[:, :3].contiguous()
-    out = fused(x, weight, bn, None, conv_args, "triton", groups=2)
-    expected = reference.conv_bn_act(x, weight, None, *bn.values(), groups=2, **conv_args)
-    torch.testing.assert_close(out, expected)
+# (N, C, H, W, K, kernel, stride, groups): channels per group from 1 (depthwise) to wider
+# than a tile; groups the kernel packs several to a tile (4-wide: 4 per tile) or one (odd
+# counts that no power of two divides); K/groups ≠ C/groups (a channel multiplier).
+GROUPED = {
+    "resnext-4wide": (2, 32, 6, 5, 32, 3, 1, 8),
+    "resnext-4wide-stride2": (1, 32, 7, 9, 32, 3, 2, 8),
+    "8wide-groups2": (1, 16, 5, 5, 16, 3, 1, 2),
+    "depthwise": (2, 12, 5, 7, 12, 3, 1, 12),
+    "multiplier-3-groups5": (1, 5, 6, 5, 15, 3, 1, 5),
+    "odd-groups3-1x1": (2, 21, 5, 4, 9, 1, 1, 3),
+    "wide-groups2": (1, 40, 4, 5, 136, 3, 1, 2),
+}
+
+
+def make_grouped_case(shape, dtype, channels_last, with_residual, seed):
+    n, c, h, w, k, ks, stride, groups = shape
+    x, weight, bn, residual, conv_args = make_case((n, c, h, w, k, ks, stride, ks // 2, 1), dtype,
+                                                   channels_last, with_residual, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    weight = (torch.randn(k, c // groups, ks, ks, generator=g) / (c // groups * ks * ks) ** 0.5).to(dtype)
+    return x, weight, bn, residual, {**conv_args, "groups": groups}
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_convolution_matches_reference(name, dtype, channels_last, with_residual):
+    """Grouped convs run in the Triton kernel (a grid axis over groups), not on the reference path."""
+    seed = 40 + list(GROUPED).index(name)
+    x, weight, bn, residual, conv_args = make_grouped_case(GROUPED[name], dtype, channels_last, with_residual, seed)
+    out = fused(x, weight, bn, residual, conv_args, "triton")
+    exact, unfused = exact_and_unfused(x, weight, bn, residual, conv_args, relu=True)
+    assert out.dtype == dtype and out.shape == exact.shape
+    if dtype == torch.float32:
+        assert max_rel_error(out, exact) < 1e-5
+    else:
+        assert_low_precision_close(out, unfused, exact)
+
+
+def test_grouped_convolution_runs_the_triton_kernel(monkeypatch):
+    """No fallback: the grouped call reaches the kernel, with several groups packed per program."""
+    launches = []
+    real = triton_op._conv_bn_act_fwd_kernel.run
+
+    def spy(*args, grid, **kwargs):
+        launches.append((grid, kwargs["GROUP_TILE"]))
+        return real(*args, grid=grid, **kwargs)
+
+    monkeypatch.setattr(triton_op._conv_bn_act_fwd_kernel, "run", spy)
+    monkeypatch.setattr(reference, "conv_bn_act", None)  # a fallback would crash
+    x, weight, bn, residual, conv_args = make_grouped_case(GROUPED["resnext-4wide"], torch.float32, True, True, 7)
+    fused(x, weight, bn, residual, conv_args, "triton")
+    assert len(launches) == 1 and launches[0][1] == 4  # 8 groups of 4 channels: 4 to a 16-wide tile
+
+
+@pytest.mark.parametrize(("groups", "c_per_group", "k_per_group", "expected"), [
+    (1, 64, 64, 1), (32, 4, 4, 4), (32, 8, 8, 2), (64, 1, 1, 16), (12, 1, 1, 4), (5, 1, 3, 1),
+    (8, 4, 2, 4), (2, 16, 16, 1), (3, 5, 5, 1),
+])
+def test_group_tile_packs_whole_groups_into_16_channels(groups, c_per_group, k_per_group, expected):
+    from resnet_fused.ops.implicit_gemm import group_tile
+
+    tile = group_tile(groups, c_per_group, k_per_group)
+    assert tile == expected
+    assert groups % tile == 0 and (tile == 1 or tile * max(c_per_group, k_per_group) <= 16)
+
+
+def test_grouped_int64_indexing_path_gives_the_same_result(monkeypatch):
+    x, weight, bn, residual, conv_args = make_grouped_case(GROUPED["resnext-4wide-stride2"], torch.float32, False, True, 9)
+    expected = fused(x, weight, bn, residual, conv_args, "triton")
+    monkeypatch.setattr(triton_op, "INT32_MAX", 0)
+    torch.testing.assert_close(fused(x, weight, bn, residual, conv_args, "triton"), expected, rtol=0, atol=0)
 
 
 def test_relu_propagates_nan_like_torch():
@@ -148,8 +215,12 @@ def test_custom_op_contract():
     for channels_last in (True, False):
         x, weight, bn, residual, _ = make_case(SHAPES["3x3"], torch.float32, channels_last, True, 14)
         args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
-                residual, [1, 1], [1, 1], [1, 1], True, False)
+                residual, [1, 1], [1, 1], [1, 1], 1, True, False)
         torch.library.opcheck(triton_op.conv_bn_act_triton, args)
+    x, weight, bn, residual, _ = make_grouped_case(GROUPED["resnext-4wide"], torch.float32, True, True, 17)
+    args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
+            residual, [1, 1], [1, 1], [1, 1], 8, True, False)
+    torch.library.opcheck(triton_op.conv_bn_act_triton, args)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])

@@ -97,12 +97,64 @@ def test_every_autotuner_config(name, dtype):
     """The autotuner may pick any config; each is run explicitly (the other GPU tests run
     with RESNET_FUSED_AUTOTUNE=0, i.e. the first config only)."""
     x, weight, bn, residual, conv_args, exact, unfused = gpu_case(name, dtype, True, True)
-    for config in triton_op.gpu_configs(dtype, x.shape[1]):
+    for config in triton_op.gpu_configs(dtype, x.shape[1], weight.shape[0]):
         out = triton_op.launch(
             x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5, residual,
-            [conv_args["stride"]] * 2, [conv_args["padding"]] * 2, [conv_args["dilation"]] * 2, True, False, config=config,
+            [conv_args["stride"]] * 2, [conv_args["padding"]] * 2, [conv_args["dilation"]] * 2, 1, True, False,
+            config=config,
         )
         check(out, exact, unfused, dtype, True)
+
+
+# ResNeXt's grouped 3x3 convs (N, C, H, W, K, kernel, stride, groups): resnext50_32x4d's
+# 4-, 8- and 32-wide groups (4 and 2 groups packed per tile, then one), resnext101_32x8d's
+# 64-wide last stage (the standard tiles), and a depthwise conv (16 groups per tile).
+GROUPED_SHAPES = {
+    "resnext-4wide": (2, 128, 28, 28, 128, 3, 1, 32),
+    "resnext-8wide-stride2": (2, 256, 28, 28, 256, 3, 2, 32),
+    "resnext-32wide": (2, 1024, 7, 7, 1024, 3, 1, 32),
+    "resnext-64wide": (2, 2048, 7, 7, 2048, 3, 1, 32),
+    "depthwise": (2, 64, 14, 14, 64, 3, 1, 64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("name", GROUPED_SHAPES)
+def test_grouped_conv_every_config_and_statistics(name, dtype):
+    """Grouped convs in the Triton kernels: every config the autotuner may choose for the
+    shape, the autotuned op, and the training conv's batch statistics."""
+    from resnet_fused.ops import conv_bn_stats
+    from test_conv_bn_act import make_grouped_case
+
+    x, weight, bn, residual, conv_args = make_grouped_case(GROUPED_SHAPES[name], torch.float32, True, True, 8)
+    x, weight, residual = (t.cuda() for t in (x, weight, residual))
+    bn = {k: v.cuda() for k, v in bn.items()}
+    exact = reference.conv_bn_act(x.double(), weight.double(), None, *(t.double() for t in bn.values()),
+                                  residual=residual.double(), **conv_args)
+    x, weight, residual = x.to(dtype), weight.to(dtype), residual.to(dtype)
+    unfused = reference.conv_bn_act(x, weight, None, *bn.values(), residual=residual, **conv_args)
+    groups = conv_args["groups"]
+    tile_c, tile_k, _ = triton_op.group_grid(x.shape[1], weight.shape[0], groups)
+    pair = lambda v: [v, v]  # noqa: E731
+    conv = (pair(conv_args["stride"]), pair(conv_args["padding"]), pair(conv_args["dilation"]), groups)
+    for config in triton_op.gpu_configs(dtype, tile_c, tile_k):
+        out = triton_op.launch(x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"],
+                               1e-5, residual, *conv, True, False, config=config)
+        check(out, exact, unfused, dtype, True)
+    check(fused(x, weight, bn, residual, conv_args, "triton"), exact, unfused, dtype, True)
+
+    y, mean, var = conv_bn_stats.conv_bn_stats_triton(x, weight, None, *conv, False)
+    exact_y = torch.nn.functional.conv2d(x.double(), weight.double(), None, *conv)
+    exact_mean, exact_var = reference.bn_stats(exact_y)
+    unfused_y = torch.nn.functional.conv2d(x, weight, None, *conv)
+    if dtype == torch.float32:
+        assert max_rel_error(y, exact_y) < 1e-5
+    else:
+        assert_low_precision_close(y, unfused_y, exact_y)
+    # Statistics are reduced in fp32 from the unrounded fp32 accumulator, whatever the dtype
+    # (exact_y is the conv of the already-rounded operands).
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    assert max_rel_error(mean, exact_mean) < tol and max_rel_error(var, exact_var) < tol
 
 
 @pytest.mark.parametrize("name", ["3x3-128", "1x1-512-2048", "stem"])
@@ -122,7 +174,7 @@ def test_op_contracts_on_gpu(backend):
     args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
             residual, [1, 1], [1, 1], [1, 1])
     if backend == "triton":
-        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act_triton.default, (*args, True, False))
+        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act_triton.default, (*args, 1, True, False))
     else:
         torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, (*args, 1, True))
 

@@ -36,11 +36,14 @@ class CountOps(TorchDispatchMode):
         return {name: n for name, n in self.counts.items() if name in LEFTOVER}
 
 
-def check_converted(model, x, backend="cpu", leftover=None, tol=1e-5):
+def check_converted(model, x, backend="cpu", leftover=None, tol=1e-5, counts=None):
+    """Converted vs original on ``x``; the aten ops of the converted forward go to ``counts``."""
     model = randomize_batch_norms(model, torch.Generator().manual_seed(0)).eval()
     converted = resnet_fused.convert(model, backend=backend)
     with torch.no_grad(), CountOps() as ops:
         out = converted(x)
+    if counts is not None:
+        counts.update(ops.counts)
     with torch.no_grad():
         assert max_rel_error(out, model(x)) < tol
     if leftover is not None:
@@ -178,6 +181,18 @@ TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "re
 def test_torchvision_families(name):
     torch.manual_seed(2)
     check_converted(getattr(torchvision.models, name)(), torch.randn(1, 3, 35, 33), leftover={}, tol=1e-4)
+
+
+def test_resnext_grouped_convs_run_in_the_triton_kernel():
+    """resnext50_32x4d's blocks (32 groups of 4 to 32 channels) one per stage: every conv, the
+    grouped ones included, is a Triton conv_bn_act launch; no ATen convolution, BatchNorm, add or
+    ReLU runs."""
+    torch.manual_seed(4)
+    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], groups=32,
+                                             width_per_group=4)
+    converted = check_converted(model, torch.randn(1, 3, 27, 25), backend="triton", leftover={}, tol=1e-4,
+                                counts=(counts := Counter()))
+    assert counts["conv_bn_act_triton"] == 17 and counts["convolution"] == 0, counts
 
 
 @pytest.mark.parametrize("name,leftover", [

@@ -17,6 +17,7 @@ import torch
 from resnet_fused.ops import bn_act, conv_bn_stats
 from resnet_fused.ops import conv_bn_act as inference
 from sm90 import Job, compile_for_hopper
+import test_conv_bn_act_sm90 as inference_sm90
 from test_conv_bn_act_sm90 import TRITON_TYPE, tile_name
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -24,35 +25,31 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # --- conv_bn_stats ---------------------------------------------------------------------------
 STATS_KERNEL = "resnet_fused.ops.conv_bn_stats:_conv_bn_stats_fwd_kernel"
 STATS_INDEX_ARGS = (
-    "M", "N", "C", "H", "W", "K", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+    "M", "N", "C", "H", "W", "K", "P", "Q", "tile_c", "tile_k", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
     "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sy_n", "sy_p", "sy_q",
 )
 # As at a real launch: channels_last x and y, (K, R, S, C) weight, 16-aligned pointers and
 # multiple-of-16 channel counts and strides.
 STATS_UNIT_STRIDES = {"sx_c": 1, "sw_c": 1, "sy_k": 1}
 STATS_ALIGNED = (
-    "x_ptr", "w_ptr", "bias_ptr", "y_ptr", "hi_part_ptr", "lo_part_ptr", "m2_part_ptr", "C", "K",
+    "x_ptr", "w_ptr", "bias_ptr", "y_ptr", "hi_part_ptr", "lo_part_ptr", "m2_part_ptr", "C", "K", "tile_c", "tile_k",
     "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sy_n", "sy_p", "sy_q",
 )
 
 
-def stats_job(dtype, config, input_precision, use_int64=False):
+def stats_job(dtype, config, input_precision, use_int64=False, group_tile=1):
     element = "*" + TRITON_TYPE[dtype]
     signature = {name: "i64" if use_int64 else "i32" for name in STATS_INDEX_ARGS}
     signature.update(x_ptr=element, w_ptr=element, y_ptr=element, bias_ptr="*fp32",
                      hi_part_ptr="*fp32", lo_part_ptr="*fp32", m2_part_ptr="*fp32", tile_rows_ptr="*i32")
-    constexprs = dict(STATS_UNIT_STRIDES, R=3, S=3, HAS_BIAS=True, INPUT_PRECISION=input_precision,
-                      USE_INT64=use_int64, **config.kwargs)
+    constexprs = dict(STATS_UNIT_STRIDES, R=3, S=3, HAS_BIAS=True, GROUP_TILE=group_tile,
+                      INPUT_PRECISION=input_precision, USE_INT64=use_int64, **config.kwargs)
     return Job(STATS_KERNEL, signature, constexprs, config.num_warps, config.num_stages, STATS_ALIGNED)
 
 
 def stats_cases():
-    out = {}
-    for dtype, precision in ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")):
-        for channels in (64, 3):
-            for config in conv_bn_stats.gpu_configs(dtype, channels):
-                out[f"stats-{TRITON_TYPE[dtype]}-{precision}-C{channels}-{tile_name(config)}"] = stats_job(dtype, config, precision)
-    for config in conv_bn_stats.gpu_configs(torch.float16, 64):
+    out = inference_sm90.cases(stats_job, prefix="stats-")
+    for config in conv_bn_stats.gpu_configs(torch.float16, 64, 64):
         out[f"stats-fp16-int64-{tile_name(config)}"] = stats_job(torch.float16, config, "ieee", use_int64=True)
     return out
 
@@ -145,7 +142,7 @@ def compiled():
 
 
 def test_stats_autotuner_configs_are_the_tested_ones():
-    tested = {inference._config_id(c) for dtype in DTYPES for ch in (64, 3) for c in conv_bn_stats.gpu_configs(dtype, ch)}
+    tested = {inference._config_id(c) for dtype in DTYPES for c in inference_sm90.reachable_configs(dtype)}
     assert tested == {inference._config_id(c) for c in conv_bn_stats.GPU_CONFIGS}
 
 

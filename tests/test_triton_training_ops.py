@@ -29,17 +29,19 @@ CONV_SHAPES = {
 }
 
 
-def conv_case(shape, layout, seed, offset=0.0, spread=1.0, with_bias=True):
+def conv_case(shape, layout, seed, offset=0.0, spread=1.0, with_bias=True, groups=1):
+    """``(x, weight, bias, stride, padding, dilation, groups)``: the op's arguments before allow_tf32."""
     n, c, h, w, k, ks, stride, padding = shape
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=CL[layout])
-    weight = torch.randn(k, c, ks, ks, generator=g) * spread / (c * ks * ks) ** 0.5
+    weight = torch.randn(k, c // groups, ks, ks, generator=g) * spread / (c // groups * ks * ks) ** 0.5
     bias = torch.randn(k, generator=g) + offset if with_bias else None
-    return x, weight, bias, [stride, stride], [padding, padding], [1, 1]
+    return x, weight, bias, [stride, stride], [padding, padding], [1, 1], groups
 
 
-def exact_conv(x, weight, bias, stride, padding, dilation):
-    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation)
+def exact_conv(x, weight, bias, stride, padding, dilation, groups=1):
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation,
+                    groups)
 
 
 # Every shape in both layouts with and without bias, except one multi-block case only (wide
@@ -54,9 +56,29 @@ CONV_CASES = [
 @pytest.mark.parametrize(("name", "layout", "with_bias"), CONV_CASES,
                          ids=[f"{n}-{lay}-{'bias' if b else 'nobias'}" for n, lay, b in CONV_CASES])
 def test_conv_bn_stats_matches_reference(name, layout, with_bias):
-    x, weight, bias, stride, padding, dilation = conv_case(CONV_SHAPES[name], layout, 1, with_bias=with_bias)
-    y, mean, var = conv_bn_stats.conv_bn_stats_triton(x, weight, bias, stride, padding, dilation, False)
-    exact = exact_conv(x, weight, bias, stride, padding, dilation)
+    check_conv_bn_stats(conv_case(CONV_SHAPES[name], layout, 1, with_bias=with_bias), layout)
+
+
+# (N, C, H, W, K, kernel, stride, padding, groups): several 4-wide groups packed to a tile,
+# depthwise, and 3 inputs to 2 outputs per group with an odd group count.
+GROUPED_CONV_SHAPES = {
+    "resnext-4wide": (2, 32, 7, 5, 32, 3, 1, 1, 8),
+    "depthwise-stride2": (3, 6, 9, 7, 6, 3, 2, 1, 6),
+    "3in-2out-groups3": (2, 9, 6, 5, 6, 1, 1, 0, 3),
+}
+
+
+@pytest.mark.parametrize("layout", CL)
+@pytest.mark.parametrize("name", GROUPED_CONV_SHAPES)
+def test_grouped_conv_bn_stats_matches_reference(name, layout):
+    *shape, groups = GROUPED_CONV_SHAPES[name]
+    check_conv_bn_stats(conv_case(tuple(shape), layout, 6, groups=groups), layout)
+
+
+def check_conv_bn_stats(args, layout):
+    x, weight = args[:2]
+    y, mean, var = conv_bn_stats.conv_bn_stats_triton(*args, False)
+    exact = exact_conv(*args)
     exact_mean, exact_var = reference.bn_stats(exact)
     assert y.dtype == x.dtype and y.shape == exact.shape and y.is_contiguous(memory_format=CL[layout])
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (weight.shape[0],)
@@ -69,8 +91,8 @@ def test_conv_bn_stats_variance_is_stable_far_from_zero():
     """Mean ~1000, std ~0.06: E[y²] − E[y]² in fp32 loses every digit here. Chan's merge of
     tile means kept as hi/lo pairs keeps the variance of the values the kernel wrote to ~2e-7
     (with one fp32 per tile mean it was 9e-5: the test's 1e-6 tells the two apart)."""
-    x, weight, bias, stride, padding, dilation = conv_case(CONV_SHAPES["1x1"], "nhwc", 2, offset=1000.0, spread=0.1)
-    y, mean, var = conv_bn_stats.conv_bn_stats_triton(x, weight, bias, stride, padding, dilation, False)
+    y, mean, var = conv_bn_stats.conv_bn_stats_triton(
+        *conv_case(CONV_SHAPES["1x1"], "nhwc", 2, offset=1000.0, spread=0.1), False)
     exact_mean, exact_var = reference.bn_stats(y.double())  # y is the fp32 accumulator, unrounded
     assert max_rel_error(mean, exact_mean) < 1e-6
     assert max_rel_error(var, exact_var) < 1e-6
@@ -87,10 +109,10 @@ def test_stats_correct_whichever_tile_runs(monkeypatch, block_m):
         return torch.full((3, 4 * tiles + 3, k), float("nan"), device=device)
 
     monkeypatch.setattr(conv_bn_stats, "_empty_partials", stale_partials)
-    x, weight, bias, stride, padding, dilation = conv_case(CONV_SHAPES["3x3-stride2"], "nhwc", 3)
+    args = conv_case(CONV_SHAPES["3x3-stride2"], "nhwc", 3)
     config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)
-    y, mean, var = conv_bn_stats.launch(x, weight, bias, stride, padding, dilation, False, config=config)
-    exact_mean, exact_var = reference.bn_stats(exact_conv(x, weight, bias, stride, padding, dilation))
+    y, mean, var = conv_bn_stats.launch(*args, False, config=config)
+    exact_mean, exact_var = reference.bn_stats(exact_conv(*args))
     assert max_rel_error(mean, exact_mean) < 1e-5
     assert max_rel_error(var, exact_var) < 1e-5
 
@@ -105,14 +127,14 @@ def test_stats_int64_path_gives_the_same_result(monkeypatch):
 
 def test_stats_empty_batch_gives_nan_statistics():
     y, mean, var = conv_bn_stats.conv_bn_stats_triton(torch.randn(0, 3, 5, 5), torch.randn(4, 3, 3, 3), None,
-                                                      [1, 1], [1, 1], [1, 1], False)
+                                                      [1, 1], [1, 1], [1, 1], 1, False)
     assert y.shape == (0, 4, 5, 5) and mean.isnan().all() and var.isnan().all()
 
 
 def test_conv_bn_stats_custom_op_contract():
-    for layout, with_bias in (("nchw", True), ("nhwc", False)):
-        x, weight, bias, stride, padding, dilation = conv_case((1, 3, 5, 4, 4, 3, 1, 1), layout, 5, with_bias=with_bias)
-        torch.library.opcheck(conv_bn_stats.conv_bn_stats_triton, (x, weight, bias, stride, padding, dilation, False))
+    for layout, with_bias, groups in (("nchw", True, 1), ("nhwc", False, 1), ("nhwc", True, 2)):
+        args = conv_case((1, 4, 5, 4, 4, 3, 1, 1), layout, 5, with_bias=with_bias, groups=groups)
+        torch.library.opcheck(conv_bn_stats.conv_bn_stats_triton, (*args, False))
 
 
 # --- bn_act ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ channels ``k`` (K), and the reduction runs over ``(r, s, c)`` (R·S·C). The inp
 unfolded in memory; each program gathers its ``[BLOCK_M, BLOCK_C]`` input tile straight from
 the activation tensor with the padding expressed as a load mask. The mainloop is
 ``implicit_gemm.implicit_gemm_tile``, shared with the training-mode conv (``conv_bn_stats``).
+Grouped convolutions run in the same kernel, with a grid axis over (tiles of) groups.
 
 Epilogue, per output channel k, in fp32 before the single store, from the live BatchNorm
 tensors (nothing is folded or cached outside the kernel, so nothing can go stale):
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resnet_fused.ops.implicit_gemm import implicit_gemm_tile
+from resnet_fused.ops.implicit_gemm import group_tile, implicit_gemm_tile
 
 INT32_MAX = 2**31 - 1
 
@@ -46,6 +47,13 @@ _GPU_TILES = {
 # masked off; otherwise as wide as shared memory allows for the element size.
 _BLOCK_C_THIN = 16
 _BLOCK_C = {2: 64, 4: 32}
+# Tiles narrower than 64 output channels (grouped convs: resnext50_32x4d has 4 to 32 channels
+# per group) take BLOCK_N and BLOCK_C from the tile's own channel counts, rounded up to a power
+# of two of at least 16, so a 4-group tile of 4-wide groups computes 16x16, not 64x64.
+# (BLOCK_M, num_warps, num_stages) by element size; fp32 at 2 stages, since IEEE 64x32x16 at 3
+# stages spilled 4 bytes on sm_90 (a ptxas quirk at 80 registers; 2 stages compile clean).
+_NARROW_TILES = {2: ((64, 4, 4), (128, 8, 3)), 4: ((64, 4, 2), (128, 8, 2))}
+_NARROW_BELOW = 64
 
 
 def _config(block_m, block_n, block_c, num_warps, num_stages):
@@ -56,11 +64,24 @@ def _config(block_m, block_n, block_c, num_warps, num_stages):
     )
 
 
-def gpu_configs(dtype: torch.dtype, channels: int) -> list[triton.Config]:
-    """The configs the GPU autotuner may choose for inputs of ``dtype`` with ``channels`` C."""
+def _pow2_at_least(n: int, low: int) -> int:
+    return max(low, 1 << (n - 1).bit_length())
+
+
+def gpu_configs(dtype: torch.dtype, tile_c: int, tile_k: int) -> list[triton.Config]:
+    """The configs the GPU autotuner may choose for inputs of ``dtype`` when one program reduces
+    over ``tile_c`` input channels for ``tile_k`` output channels (C and K when ungrouped)."""
     size = dtype.itemsize
-    block_c = _BLOCK_C_THIN if channels <= _BLOCK_C_THIN else _BLOCK_C[size]
+    if tile_k < _NARROW_BELOW:
+        block_n = _pow2_at_least(tile_k, 16)
+        block_c = min(_pow2_at_least(tile_c, 16), _BLOCK_C[size])
+        return [_config(bm, block_n, block_c, w, st) for bm, w, st in _NARROW_TILES[size]]
+    block_c = _BLOCK_C_THIN if tile_c <= _BLOCK_C_THIN else _BLOCK_C[size]
     return [_config(bm, bn, block_c, w, st) for bm, bn, w, st in _GPU_TILES[size]]
+
+
+# (tile_c, tile_k) pairs that between them reach every config gpu_configs can return.
+CONFIG_REACHING_TILES = [(c, k) for c in (16, 32, 64) for k in (16, 32, 48, 64)]
 
 
 def _config_id(config: triton.Config) -> tuple:
@@ -73,20 +94,21 @@ def _interpreting() -> bool:
 
 # The interpreter runs programs one after another in numpy and ignores warps and stages:
 # wide tiles mean fewer sequential steps (resnet50 at 32x32 runs 3x faster than with
-# 32x64x64), and a single config skips benchmarking altogether.
+# 32x64x64), and a single config skips benchmarking altogether. (Narrower tiles for narrow
+# groups measured no faster: the interpreter's cost is per step, not per lane.)
 _INTERPRETER_CONFIGS = [_config(32, 128, 128, 4, 1)]
-_ALL_GPU_CONFIGS = [
-    *gpu_configs(torch.float16, _BLOCK_C_THIN),
-    *gpu_configs(torch.float16, 2 * _BLOCK_C_THIN),
-    *gpu_configs(torch.float32, _BLOCK_C_THIN),
-    *gpu_configs(torch.float32, 2 * _BLOCK_C_THIN),
-]
+_ALL_GPU_CONFIGS = list({
+    _config_id(config): config
+    for dtype in (torch.float16, torch.float32)
+    for tile_c, tile_k in CONFIG_REACHING_TILES
+    for config in gpu_configs(dtype, tile_c, tile_k)
+}.values())
 
 
 def _prune_configs(configs, named_args, **kwargs):
     if _interpreting():
         return configs
-    candidates = gpu_configs(named_args["x_ptr"].dtype, named_args["C"])
+    candidates = gpu_configs(named_args["x_ptr"].dtype, named_args["tile_c"], named_args["tile_k"])
     if os.environ.get("RESNET_FUSED_AUTOTUNE") == "0":
         # Correctness runs (GPU tests): one config per dtype, no compile-and-time of the rest.
         # Every config is still run explicitly by tests/test_gpu.py through launch(config=).
@@ -98,7 +120,7 @@ def _prune_configs(configs, named_args, **kwargs):
 @triton.jit
 def _conv_bn_act_fwd_kernel(
     x_ptr,  # input (N, C, H, W), any strides; channels_last from the launcher
-    w_ptr,  # weight (K, C, R, S), any strides; (K, R, S, C) in memory from the launcher
+    w_ptr,  # weight (K, C/groups, R, S), any strides; (K, R, S, C/groups) in memory from the launcher
     bias_ptr,  # (K,) contiguous conv bias, any float dtype; read only when HAS_BIAS
     gamma_ptr,  # (K,) contiguous BatchNorm weight; read only when HAS_BN_WEIGHT
     beta_ptr,  # (K,) contiguous BatchNorm bias; read only when HAS_BN_BIAS
@@ -109,6 +131,8 @@ def _conv_bn_act_fwd_kernel(
     eps,  # BatchNorm epsilon (fp32)
     M,  # N·P·Q output pixels; an i64 argument when it passes 2**31
     N, C, H, W, K, P, Q,
+    tile_c,  # input channels per program along axis 2 (implicit_gemm_tile); C when ungrouped
+    tile_k,  # output channels per program along axis 2; K when ungrouped
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
@@ -121,6 +145,7 @@ def _conv_bn_act_fwd_kernel(
     HAS_BN_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     APPLY_RELU: tl.constexpr,
+    GROUP_TILE: tl.constexpr,  # groups per program (implicit_gemm.group_tile)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only consulted for fp32 operands
     USE_INT64: tl.constexpr,  # some tensor spans more than 2**31-1 elements
     BLOCK_M: tl.constexpr,
@@ -128,10 +153,10 @@ def _conv_bn_act_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     acc, offs_m, offs_k, mask_m, mask_k, n, p, q = implicit_gemm_tile(
-        x_ptr, w_ptr, M, C, H, W, K, P, Q,
+        x_ptr, w_ptr, M, H, W, P, Q, tile_c, tile_k,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sx_n, sx_c, sx_h, sx_w, sw_k, sw_c, sw_r, sw_s,
-        R, S, INPUT_PRECISION, USE_INT64, BLOCK_M, BLOCK_N, BLOCK_C,
+        R, S, GROUP_TILE, INPUT_PRECISION, USE_INT64, BLOCK_M, BLOCK_N, BLOCK_C,
     )
 
     # Eval-mode BatchNorm from its live tensors; the conv bias rides in the shift. Correctly
@@ -168,7 +193,7 @@ conv_bn_act_fwd_kernel = triton.autotune(
     configs=_INTERPRETER_CONFIGS if _interpreting() else _ALL_GPU_CONFIGS,
     # Everything that changes the code path or the per-image work; dtypes are added by Triton
     # itself. Not the batch: a config tuned at batch 64 serves batch 256 without retuning.
-    key=["C", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "HAS_RESIDUAL", "INPUT_PRECISION"],
+    key=["C", "K", "tile_c", "tile_k", "P", "Q", "R", "S", "stride_h", "stride_w", "HAS_RESIDUAL", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_conv_bn_act_fwd_kernel)
 
@@ -212,19 +237,27 @@ def conv_bn_act_triton(
     stride: list[int],
     padding: list[int],
     dilation: list[int],
+    groups: int,
     relu: bool,
     allow_tf32: bool,
 ) -> torch.Tensor:
-    """``act(bn(conv(x, weight) + bias) [+ residual])`` with eval-mode BatchNorm, one launch.
+    """``act(bn(conv(x, weight, groups) + bias) [+ residual])`` with eval-mode BatchNorm, one launch.
 
     Arguments are assumed validated (functional.check_conv_bn_act).
     """
     return launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
-                  stride, padding, dilation, relu, allow_tf32)
+                  stride, padding, dilation, groups, relu, allow_tf32)
+
+
+def group_grid(c: int, k: int, groups: int) -> tuple[int, int, int]:
+    """``(tile_c, tile_k, GROUP_TILE)`` for a conv with ``c`` input and ``k`` output channels:
+    the channels one program covers along grid axis 2, and how many groups that is."""
+    tile = group_tile(groups, c // groups, k // groups)
+    return tile * (c // groups), tile * (k // groups), tile
 
 
 def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
-           stride, padding, dilation, relu, allow_tf32, config: triton.Config | None = None) -> torch.Tensor:
+           stride, padding, dilation, groups, relu, allow_tf32, config: triton.Config | None = None) -> torch.Tensor:
     """The op's body. ``config`` bypasses the autotuner (tests run every config this way)."""
     out = empty_output(x, weight, stride, padding, dilation)
     if out.numel() == 0:
@@ -240,9 +273,10 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
     _, _, p, q = out.shape
     res_arg = res_cl if res_cl is not None else out_cl
     use_int64 = max(_span(t) for t in (x_cl, weight_cl, res_arg, out_cl)) > INT32_MAX
+    tile_c, tile_k, tiles_per_group = group_grid(c, k, groups)
     args = (
         x_cl, weight_cl, *per_channel, running_mean.contiguous(), running_var.contiguous(), res_arg, out_cl,
-        float(eps), n * p * q, n, c, h, w, k, p, q,
+        float(eps), n * p * q, n, c, h, w, k, p, q, tile_c, tile_k,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x_cl.stride(), *weight_cl.stride(), *res_arg.stride(), *out_cl.stride(),
     )
@@ -254,10 +288,13 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
         HAS_BN_BIAS=bn_bias is not None,
         HAS_RESIDUAL=residual is not None,
         APPLY_RELU=relu,
+        GROUP_TILE=tiles_per_group,
         INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
         USE_INT64=use_int64,
     )
-    grid = lambda meta: (triton.cdiv(n * p * q, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(n * p * q, meta["BLOCK_M"]), triton.cdiv(tile_k, meta["BLOCK_N"]), k // tile_k
+    )
     # Triton launches on the current device; make that the input's.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
@@ -272,5 +309,6 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
 
 
 @conv_bn_act_triton.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation, relu, allow_tf32):
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation, groups,
+      relu, allow_tf32):
     return empty_output(x, weight, stride, padding, dilation)

@@ -1,6 +1,6 @@
 """Triton ``conv_bn_stats``: the training-mode convolution, with BatchNorm batch statistics.
 
-``y = conv2d(x, weight) + bias`` (groups=1), written once in x's dtype and
+``y = conv2d(x, weight, groups) + bias``, written once in x's dtype and
 ``output_memory_format(x)``, together with the per-output-channel mean and *biased* variance
 of y over (N, H, W) in fp32: ``reference.bn_stats(y)``, the first kernel of a fused training
 unit (``bn_act`` then normalizes with these statistics).
@@ -14,7 +14,7 @@ Two launches, deterministic, no atomics:
    ``hi = Σy/n``, then the deviations ``d = y − hi`` give ``lo = Σd/n`` (what rounding took from
    hi: the tile mean is ``hi + lo`` to about twice fp32's precision) and
    ``M2 = Σd² − (Σd)²/n`` (the corrected two-pass sum of squares around hi + lo). Program
-   ``(pid_m, pid_n)`` writes row ``pid_m`` of the partials ``[3, T, K]`` (hi, lo, M2), columns
+   ``(pid_m, pid_n, pid_g)`` writes row ``pid_m`` of the partials ``[3, T, K]`` (hi, lo, M2), columns
    of its channel block.
 2. ``_conv_bn_stats_finalize_kernel``: per block of channels, Chan et al.'s parallel merge of
    the T tiles in a fixed order (chunks of tiles, count-weighted within a chunk), on the tile
@@ -60,15 +60,17 @@ _FIN_BLOCK_T = 64
 @triton.jit
 def _conv_bn_stats_fwd_kernel(
     x_ptr,  # input (N, C, H, W), any strides; channels_last from the launcher
-    w_ptr,  # weight (K, C, R, S), any strides; (K, R, S, C) in memory from the launcher
+    w_ptr,  # weight (K, C/groups, R, S), any strides; (K, R, S, C/groups) in memory from the launcher
     bias_ptr,  # (K,) contiguous conv bias, any float dtype; read only when HAS_BIAS
     y_ptr,  # output y (N, K, P, Q), any strides; channels_last from the launcher
     hi_part_ptr,  # [T, K] fp32 contiguous, T ≥ cdiv(M, BLOCK_M): row pid_m ← tile mean, rounded: Σy/n
     lo_part_ptr,  # [T, K] fp32 contiguous: row pid_m ← tile mean − hi: Σ(y − hi)/n
     m2_part_ptr,  # [T, K] fp32 contiguous: row pid_m ← Σ(y − tile mean)² over the tile
-    tile_rows_ptr,  # (1,) int32: ← BLOCK_M, the rows per tile of this launch (written by program (0, 0))
+    tile_rows_ptr,  # (1,) int32: ← BLOCK_M, the rows per tile of this launch (written by program (0, 0, 0))
     M,  # N·P·Q output pixels; an i64 argument when it passes 2**31
     N, C, H, W, K, P, Q,
+    tile_c,  # input channels per program along axis 2 (implicit_gemm_tile); C when ungrouped
+    tile_k,  # output channels per program along axis 2; K when ungrouped
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
@@ -76,6 +78,7 @@ def _conv_bn_stats_fwd_kernel(
     R: tl.constexpr,
     S: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GROUP_TILE: tl.constexpr,  # groups per program (implicit_gemm.group_tile)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only consulted for fp32 operands
     USE_INT64: tl.constexpr,  # some tensor spans more than 2**31-1 elements
     BLOCK_M: tl.constexpr,
@@ -83,10 +86,10 @@ def _conv_bn_stats_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     acc, offs_m, offs_k, mask_m, mask_k, n, p, q = implicit_gemm_tile(
-        x_ptr, w_ptr, M, C, H, W, K, P, Q,
+        x_ptr, w_ptr, M, H, W, P, Q, tile_c, tile_k,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sx_n, sx_c, sx_h, sx_w, sw_k, sw_c, sw_r, sw_s,
-        R, S, INPUT_PRECISION, USE_INT64, BLOCK_M, BLOCK_N, BLOCK_C,
+        R, S, GROUP_TILE, INPUT_PRECISION, USE_INT64, BLOCK_M, BLOCK_N, BLOCK_C,
     )
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
@@ -100,7 +103,7 @@ def _conv_bn_stats_fwd_kernel(
     # The tile's statistics per channel, from the fp32 accumulator: its mean, then a second
     # pass over the registers for the deviations from it (not Σy² − n·mean²).
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    first_program = (pid_m == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
     if USE_INT64:
         pid_m = pid_m.to(tl.int64)
     rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
@@ -113,7 +116,7 @@ def _conv_bn_stats_fwd_kernel(
     tl.store(hi_part_ptr + row, hi, mask=mask_k)
     tl.store(lo_part_ptr + row, lo, mask=mask_k)
     tl.store(m2_part_ptr + row, m2, mask=mask_k)
-    if (pid_m == 0) & (pid_n == 0):
+    if first_program:
         tl.store(tile_rows_ptr, tl.full((), BLOCK_M, tl.int32))
 
 
@@ -183,7 +186,7 @@ GPU_CONFIGS = _conv._ALL_GPU_CONFIGS
 conv_bn_stats_fwd_kernel = triton.autotune(
     configs=_conv._INTERPRETER_CONFIGS if _conv._interpreting() else GPU_CONFIGS,
     # As the inference kernel's key, less the residual it has no use for.
-    key=["C", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "INPUT_PRECISION"],
+    key=["C", "K", "tile_c", "tile_k", "P", "Q", "R", "S", "stride_h", "stride_w", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _conv._prune_configs},
 )(_conv_bn_stats_fwd_kernel)
 
@@ -207,17 +210,18 @@ def conv_bn_stats_triton(
     stride: list[int],
     padding: list[int],
     dilation: list[int],
+    groups: int,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, var)``: ``y = conv2d(x, weight) + bias`` (groups=1) in x's dtype and memory
+    """``(y, mean, var)``: ``y = conv2d(x, weight, groups) + bias`` in x's dtype and memory
     format, and y's per-channel batch mean and biased variance in fp32, shape (K,).
 
     Arguments are assumed validated (as for conv_bn_act); x is fp16, bf16 or fp32.
     """
-    return launch(x, weight, bias, stride, padding, dilation, allow_tf32)
+    return launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32)
 
 
-def launch(x, weight, bias, stride, padding, dilation, allow_tf32, config: triton.Config | None = None):
+def launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32, config: triton.Config | None = None):
     """The op's body. ``config`` bypasses the autotuner (tests run every config this way)."""
     y = _conv.empty_output(x, weight, stride, padding, dilation)
     n, c, h, w = x.shape
@@ -237,9 +241,10 @@ def launch(x, weight, bias, stride, padding, dilation, allow_tf32, config: trito
     partials = _empty_partials(tiles, k, x.device)
     tile_rows = torch.empty((1,), dtype=torch.int32, device=x.device)
     use_int64 = max(_conv._span(t) for t in (x_cl, weight_cl, y_cl, partials)) > INT32_MAX
+    tile_c, tile_k, tiles_per_group = _conv.group_grid(c, k, groups)
     args = (
         x_cl, weight_cl, bias.contiguous() if bias is not None else mean, y_cl, *partials, tile_rows,
-        m, n, c, h, w, k, p, q,
+        m, n, c, h, w, k, p, q, tile_c, tile_k,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x_cl.stride(), *weight_cl.stride(), *y_cl.stride(),
     )
@@ -247,10 +252,11 @@ def launch(x, weight, bias, stride, padding, dilation, allow_tf32, config: trito
         R=r,
         S=s,
         HAS_BIAS=bias is not None,
+        GROUP_TILE=tiles_per_group,
         INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
         USE_INT64=use_int64,
     )
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(tile_k, meta["BLOCK_N"]), k // tile_k)  # noqa: E731
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
             conv_bn_stats_fwd_kernel[grid](*args, **flags)
@@ -268,7 +274,7 @@ def launch(x, weight, bias, stride, padding, dilation, allow_tf32, config: trito
 
 
 @conv_bn_stats_triton.register_fake
-def _(x, weight, bias, stride, padding, dilation, allow_tf32):
+def _(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
     k = weight.shape[0]
     y = _conv.empty_output(x, weight, stride, padding, dilation)
     return y, x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.float32)
