@@ -179,6 +179,30 @@ def test_grouped_convolution_runs_the_triton_kernel(monkeypatch):
     assert len(launches) == 1 and launches[0][1] == 4  # 8 groups of 4 channels: 4 to a 16-wide tile
 
 
+def test_group_count_past_cuda_grid_limits(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31-1): a depthwise conv with 65537
+    groups (odd: one per tile) must put its group tiles on axis 0, in both Triton convs. The
+    kernels are stubbed out; only the launch grids are looked at."""
+    from resnet_fused.ops import conv_bn_stats
+
+    grids = []
+
+    def record(*args, grid, **meta):
+        grids.append(grid(meta) if callable(grid) else grid)
+
+    monkeypatch.setattr(triton_op._conv_bn_act_fwd_kernel, "run", record)
+    monkeypatch.setattr(conv_bn_stats._conv_bn_stats_fwd_kernel, "run", record)
+    monkeypatch.setattr(conv_bn_stats._conv_bn_stats_finalize_kernel, "run", lambda *a, **k: None)
+    channels = 65537
+    x, weight = torch.randn(1, channels, 1, 1), torch.randn(channels, 1, 1, 1)
+    stats = (torch.zeros(channels), torch.ones(channels))
+    conv_bn_act(x, weight, *stats, groups=channels, backend="triton")
+    conv_bn_stats.conv_bn_stats_triton(x, weight, None, [1, 1], [0, 0], [1, 1], channels, False)
+    assert len(grids) == 2
+    for grid in grids:
+        assert grid[0] == channels and all(extent <= 65535 for extent in grid[1:]), grid
+
+
 @pytest.mark.parametrize(("groups", "c_per_group", "k_per_group", "expected"), [
     (1, 64, 64, 1), (32, 4, 4, 4), (32, 8, 8, 2), (64, 1, 1, 16), (12, 1, 1, 4), (5, 1, 3, 1),
     (8, 4, 2, 4), (2, 16, 16, 1), (3, 5, 5, 1),

@@ -5,7 +5,7 @@ channels ``k`` (K), and the reduction runs over ``(r, s, c)`` (R·S·C). The inp
 unfolded in memory; each program gathers its ``[BLOCK_M, BLOCK_C]`` input tile straight from
 the activation tensor with the padding expressed as a load mask. The mainloop is
 ``implicit_gemm.implicit_gemm_tile``, shared with the training-mode conv (``conv_bn_stats``).
-Grouped convolutions run in the same kernel, with a grid axis over (tiles of) groups.
+Grouped convolutions run in the same kernel, over (tiles of) groups too.
 
 Epilogue, per output channel k, in fp32 before the single store, from the live BatchNorm
 tensors (nothing is folded or cached outside the kernel, so nothing can go stale):
@@ -131,8 +131,8 @@ def _conv_bn_act_fwd_kernel(
     eps,  # BatchNorm epsilon (fp32)
     M,  # N·P·Q output pixels; an i64 argument when it passes 2**31
     N, C, H, W, K, P, Q,
-    tile_c,  # input channels per program along axis 2 (implicit_gemm_tile); C when ungrouped
-    tile_k,  # output channels per program along axis 2; K when ungrouped
+    tile_c,  # input channels per group tile (implicit_gemm_tile); C when ungrouped
+    tile_k,  # output channels per group tile; K when ungrouped
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
@@ -153,7 +153,7 @@ def _conv_bn_act_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     acc, offs_m, offs_k, mask_m, mask_k, n, p, q = implicit_gemm_tile(
-        x_ptr, w_ptr, M, H, W, P, Q, tile_c, tile_k,
+        x_ptr, w_ptr, M, H, W, K, P, Q, tile_c, tile_k,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sx_n, sx_c, sx_h, sx_w, sw_k, sw_c, sw_r, sw_s,
         R, S, GROUP_TILE, INPUT_PRECISION, USE_INT64, BLOCK_M, BLOCK_N, BLOCK_C,
@@ -251,7 +251,7 @@ def conv_bn_act_triton(
 
 def group_grid(c: int, k: int, groups: int) -> tuple[int, int, int]:
     """``(tile_c, tile_k, GROUP_TILE)`` for a conv with ``c`` input and ``k`` output channels:
-    the channels one program covers along grid axis 2, and how many groups that is."""
+    the channels of one group tile (implicit_gemm_tile), and how many groups that is."""
     tile = group_tile(groups, c // groups, k // groups)
     return tile * (c // groups), tile * (k // groups), tile
 
@@ -292,9 +292,7 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
         INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
         USE_INT64=use_int64,
     )
-    grid = lambda meta: (  # noqa: E731
-        triton.cdiv(n * p * q, meta["BLOCK_M"]), triton.cdiv(tile_k, meta["BLOCK_N"]), k // tile_k
-    )
+    grid = lambda meta: (triton.cdiv(n * p * q, meta["BLOCK_M"]) * (k // tile_k), triton.cdiv(tile_k, meta["BLOCK_N"]))  # noqa: E731
     # Triton launches on the current device; make that the input's.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:

@@ -14,7 +14,7 @@ Two launches, deterministic, no atomics:
    ``hi = Σy/n``, then the deviations ``d = y − hi`` give ``lo = Σd/n`` (what rounding took from
    hi: the tile mean is ``hi + lo`` to about twice fp32's precision) and
    ``M2 = Σd² − (Σd)²/n`` (the corrected two-pass sum of squares around hi + lo). Program
-   ``(pid_m, pid_n, pid_g)`` writes row ``pid_m`` of the partials ``[3, T, K]`` (hi, lo, M2), columns
+   ``(pid_m, pid_n, pid_g)`` (``implicit_gemm.tile_coordinates``) writes row ``pid_m`` of the partials ``[3, T, K]`` (hi, lo, M2), columns
    of its channel block.
 2. ``_conv_bn_stats_finalize_kernel``: per block of channels, Chan et al.'s parallel merge of
    the T tiles in a fixed order (chunks of tiles, count-weighted within a chunk), on the tile
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from resnet_fused.ops import conv_bn_act as _conv
-from resnet_fused.ops.implicit_gemm import implicit_gemm_tile
+from resnet_fused.ops.implicit_gemm import implicit_gemm_tile, tile_coordinates
 
 INT32_MAX = 2**31 - 1
 
@@ -66,11 +66,11 @@ def _conv_bn_stats_fwd_kernel(
     hi_part_ptr,  # [T, K] fp32 contiguous, T ≥ cdiv(M, BLOCK_M): row pid_m ← tile mean, rounded: Σy/n
     lo_part_ptr,  # [T, K] fp32 contiguous: row pid_m ← tile mean − hi: Σ(y − hi)/n
     m2_part_ptr,  # [T, K] fp32 contiguous: row pid_m ← Σ(y − tile mean)² over the tile
-    tile_rows_ptr,  # (1,) int32: ← BLOCK_M, the rows per tile of this launch (written by program (0, 0, 0))
+    tile_rows_ptr,  # (1,) int32: ← BLOCK_M, the rows per tile of this launch (written by program (0, 0))
     M,  # N·P·Q output pixels; an i64 argument when it passes 2**31
     N, C, H, W, K, P, Q,
-    tile_c,  # input channels per program along axis 2 (implicit_gemm_tile); C when ungrouped
-    tile_k,  # output channels per program along axis 2; K when ungrouped
+    tile_c,  # input channels per group tile (implicit_gemm_tile); C when ungrouped
+    tile_k,  # output channels per group tile; K when ungrouped
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
@@ -86,7 +86,7 @@ def _conv_bn_stats_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     acc, offs_m, offs_k, mask_m, mask_k, n, p, q = implicit_gemm_tile(
-        x_ptr, w_ptr, M, H, W, P, Q, tile_c, tile_k,
+        x_ptr, w_ptr, M, H, W, K, P, Q, tile_c, tile_k,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sx_n, sx_c, sx_h, sx_w, sw_k, sw_c, sw_r, sw_s,
         R, S, GROUP_TILE, INPUT_PRECISION, USE_INT64, BLOCK_M, BLOCK_N, BLOCK_C,
@@ -102,8 +102,8 @@ def _conv_bn_stats_fwd_kernel(
 
     # The tile's statistics per channel, from the fp32 accumulator: its mean, then a second
     # pass over the registers for the deviations from it (not Σy² − n·mean²).
-    pid_m = tl.program_id(0)
-    first_program = (pid_m == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
+    pid_m, _, _ = tile_coordinates(K, tile_k)
+    first_program = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     if USE_INT64:
         pid_m = pid_m.to(tl.int64)
     rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
@@ -256,7 +256,7 @@ def launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32, confi
         INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
         USE_INT64=use_int64,
     )
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(tile_k, meta["BLOCK_N"]), k // tile_k)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * (k // tile_k), triton.cdiv(tile_k, meta["BLOCK_N"]))  # noqa: E731
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
             conv_bn_stats_fwd_kernel[grid](*args, **flags)

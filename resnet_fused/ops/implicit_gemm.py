@@ -12,10 +12,13 @@ differs only in its epilogue. It is a plain ``@triton.jit`` function of this pac
 it compiles for sm_90 in tests/sm90.py's child process like the kernels that call it
 (tests/test_conv_bn_act_sm90.py, tests/test_training_sm90.py).
 
-Grouped convolutions (ResNeXt) add a third grid dimension: program ``(pid_m, pid_n, pid_g)``
+Grouped convolutions (ResNeXt) add a group coordinate: program ``(pid_m, pid_n, pid_g)``
 works on ``GROUP_TILE`` consecutive groups, i.e. on the ``tile_c`` input channels starting at
 ``pid_g·tile_c`` and the ``tile_k`` output channels starting at ``pid_g·tile_k`` (an ungrouped
-conv is one tile: ``tile_c = C``, ``tile_k = K``, one program along that axis). A group is often
+conv is one tile: ``tile_c = C``, ``tile_k = K``). ``pid_g`` shares grid axis 0 with ``pid_m``
+(``tile_coordinates``): CUDA caps axes 1 and 2 at 65535, which a depthwise conv's group count
+can pass, and consecutive programs then cover every group of the same output rows, whose
+input rows they share in L2. A group is often
 narrower than the 16 a tensor-core dot needs (resnext50_32x4d's first stage has 4 channels per
 group), so the launcher packs several groups into one tile: the filter tile is then
 block-diagonal, each output column reading only the input channels of its own group, and
@@ -30,13 +33,22 @@ import triton.language as tl
 
 
 @triton.jit
+def tile_coordinates(K, tile_k):
+    """``(pid_m, pid_n, pid_g)`` of this program: grid axis 0 runs over (M-tile, group tile)
+    pairs, the K/tile_k group tiles fastest; axis 1 over BLOCK_N column blocks of a tile."""
+    group_tiles = K // tile_k
+    pid = tl.program_id(0)
+    return pid // group_tiles, tl.program_id(1), pid % group_tiles
+
+
+@triton.jit
 def implicit_gemm_tile(
     x_ptr,  # input (N, C, H, W), any strides; channels_last from the launchers
     w_ptr,  # weight (K, C/groups, R, S), any strides; (K, R, S, C/groups) in memory from the launchers
     M,  # N·P·Q output pixels
-    H, W, P, Q,
-    tile_c,  # input channels per program along axis 2: GROUP_TILE·C/groups (C when ungrouped)
-    tile_k,  # output channels per program along axis 2: GROUP_TILE·K/groups (K when ungrouped)
+    H, W, K, P, Q,
+    tile_c,  # input channels per group tile: GROUP_TILE·C/groups (C when ungrouped)
+    tile_k,  # output channels per group tile: GROUP_TILE·K/groups (K when ungrouped)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sx_n, sx_c, sx_h, sx_w,
     sw_k, sw_c, sw_r, sw_s,
@@ -51,14 +63,12 @@ def implicit_gemm_tile(
 ):
     """This program's ``[BLOCK_M, BLOCK_N]`` tile of ``conv2d(x, w, groups)`` (no bias) in fp32.
 
-    The tile is program (0, 1, 2)'s ``(pid_m, pid_n, pid_g)``. Returns ``(acc, offs_m, offs_k,
+    The tile is ``tile_coordinates``'s ``(pid_m, pid_n, pid_g)``. Returns ``(acc, offs_m, offs_k,
     mask_m, mask_k, n, p, q)``: the accumulator, the tile's output-pixel and (global)
     output-channel indices with their bounds masks, and each row's ``(n, p, q)`` for the
     epilogue's addressing. Indices are int64 when ``USE_INT64``.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_g = tl.program_id(2)
+    pid_m, pid_n, pid_g = tile_coordinates(K, tile_k)
     if USE_INT64:
         # Widen before multiplying: pid_m * BLOCK_M may pass 2**31 itself.
         pid_m = pid_m.to(tl.int64)
