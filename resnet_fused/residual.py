@@ -31,11 +31,26 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
 
 
+class _InPlaceAddProxy(fx.Proxy):
+    """A proxy that records ``a += b`` as ``operator.iadd``. fx's own Proxy has no ``__iadd__``,
+    so Python falls back to ``a = a + b``: the regenerated forward would then allocate and type-
+    promote where the original added in place (under autocast, a bf16 block output plus an fp32
+    shortcut stays bf16 in place but becomes fp32 out of place). fx prints ``operator.iadd`` back
+    as ``a += b``."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
 class SequentialsTraced(fx.Tracer):
-    """Leaves: every module but plain ``nn.Sequential`` containers, whose forward is known."""
+    """Leaves: every module but plain ``nn.Sequential`` containers, whose forward is known.
+    ``+=`` is recorded as itself (``_InPlaceAddProxy``)."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return not (type(module) is nn.Sequential and not has_hooks(module))
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceAddProxy(node, self)
 
 
 def is_noop(module: nn.Module) -> bool:
@@ -115,9 +130,10 @@ def rewrite(block: nn.Module, graph: fx.Graph) -> list[str]:
         operands = _add_operands(add_node)
         if operands is None or len(add_node.users) != 1:
             continue
+        adds_in_place = (add_node.op, add_node.target) in (("call_method", "add_"), ("call_function", operator.iadd))
         for i, operand in enumerate(operands):
-            if add_node.op == "call_method" and add_node.target == "add_" and i == 1:
-                break  # x.add_(conv_out) mutates x: not the conv's output
+            if adds_in_place and i == 1:
+                break  # x.add_(conv_out) or x += conv_out mutates x: not the conv's output
             conv_node = _fused_conv_feeding(operand, block)
             other = operands[1 - i]
             if conv_node is None or calls[conv_node.target] != 1 or not isinstance(other, fx.Node):
@@ -137,8 +153,8 @@ def rewrite(block: nn.Module, graph: fx.Graph) -> list[str]:
                 node = following
             graph.erase_node(conv_node)
             fused.append(conv_node.target)
-            if add_node.op == "call_method" and add_node.target == "add_":
-                in_place.add(conv_node.target)  # (fx records ``+=`` as a plain add: not known)
+            if adds_in_place:
+                in_place.add(conv_node.target)
             break
     for target in fused:
         block.get_submodule(target).relu = True

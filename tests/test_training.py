@@ -15,9 +15,10 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 import resnet_fused
 from helpers import (
-    assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms, textbook_resnet,
+    TextbookBlock, assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms,
+    textbook_resnet,
 )
-from resnet_fused import FusedConv2d, functional
+from resnet_fused import FusedConv2d, functional, reference
 from resnet_fused.training import conv_bn_act_train
 
 FUSED = ["cpu", "triton"]  # triton runs under the interpreter here
@@ -406,6 +407,33 @@ def test_autocast_keeps_the_dtype_of_an_in_place_residual_add():
         out, expected = converted(x), block(x)
     assert out.dtype == expected.dtype == torch.bfloat16
     assert_low_precision_close(out, expected, block.double()(x.double()))
+
+
+class OutOfPlaceBlock(TextbookBlock):
+    def forward(self, x):
+        return self.relu(self.conv2(self.conv1(x)) + x)
+
+
+@pytest.mark.parametrize("block_class", [TextbookBlock, OutOfPlaceBlock], ids=["out+=x", "out+x"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_autocast_dtype_of_a_generic_block_add(block_class, grad):
+    """A block of a class convert has never seen, its input fp32 under autocast: ``out += x``
+    keeps the bf16 conv output's dtype, ``out + x`` promotes to fp32, and the converted block
+    gives the same dtype for each. The in-place add runs fused (the trace records ``+=`` as
+    in-place); the promoting one takes the exact unfused path (the kernels write x's dtype)."""
+    torch.manual_seed(18)
+    block = randomize_batch_norms(block_class(6, 6), torch.Generator().manual_seed(18)).eval()
+    converted = resnet_fused.convert(block, backend="cpu")
+    assert converted.conv2[0].residual_fused
+    x = torch.randn(2, 6, 7, 5, requires_grad=grad)
+    calls = []
+    real = reference.conv_bn_act_modules
+    with pytest.MonkeyPatch.context() as patch, torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+        patch.setattr(reference, "conv_bn_act_modules", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out, expected = converted(x), block(x)
+    assert out.dtype == expected.dtype == (torch.bfloat16 if block_class is TextbookBlock else torch.float32)
+    assert bool(calls) == (block_class is OutOfPlaceBlock)
+    assert_low_precision_close(out.float(), expected.float(), block.double()(x.double()))
 
 
 def test_compiles_with_dynamic_shapes():
