@@ -48,6 +48,9 @@ def check_conv_bn_act(x, weight, per_channel: dict, eps, residual, stride, paddi
         raise TypeError(f"conv_bn_act: input dtype {x.dtype} does not match weight dtype {weight.dtype}")
     if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(f"conv_bn_act: groups={groups!r} must be a positive int dividing input and output channels")
+    if groups > 1 and weight.shape[0] < groups:  # as torch: no zero-width groups (K = 0 divides)
+        raise ValueError(f"conv_bn_act: groups={groups} needs at least {groups} output channels, "
+                         f"got weight {tuple(weight.shape)}")
     if weight.shape[1] * groups != x.shape[1]:
         raise ValueError(
             f"conv_bn_act: expected input with {weight.shape[1] * groups} channels "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import backends, functional, reference
+from .ops.conv_bn_act import output_size
 
 
 def _share_state(folded: nn.Module, bn: nn.Module) -> None:
@@ -98,7 +99,7 @@ class FusedConv2d(nn.Conv2d):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = _autocast(x, dtype), _autocast(weight, dtype)
             bias = _autocast(bias, dtype) if bias is not None else None
-        if residual is not None and self.residual_in_place and residual.dtype != x.dtype != torch.float64:
+        if isinstance(residual, torch.Tensor) and self.residual_in_place and residual.dtype != x.dtype != torch.float64:
             residual = residual.to(x.dtype)  # an in-place add does not promote
         if backend == "reference" or not self._fusable(x, weight, residual):
             return reference.conv_bn_act_modules(x, self, bn, residual, self.relu, self.residual_in_place)
@@ -117,8 +118,15 @@ class FusedConv2d(nn.Conv2d):
         """Whether a fused op computes what the unfused modules would here."""
         if torch.float64 in (x.dtype, weight.dtype):
             return False  # no fused kernel; other dtype errors are reported by functional.py
-        # The unfused add promotes (an fp32 residual lifts an autocast bf16 block output to fp32).
-        return residual is None or residual.dtype == x.dtype
+        if residual is None:
+            return True
+        if not isinstance(residual, torch.Tensor):
+            return False  # a Python number (``out + x.size(1)``): the unfused add takes it
+        # The unfused add promotes (an fp32 residual lifts an autocast bf16 block output to fp32)
+        # and broadcasts (a per-channel residual); the fused ops take the output's dtype and shape.
+        p, q = (output_size(size, k, s, pad, d) for size, k, s, pad, d in
+                zip(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation))
+        return residual.dtype == x.dtype and residual.shape == (x.shape[0], self.out_channels, p, q)
 
 
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

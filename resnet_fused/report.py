@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedConv2d, has_hooks, is_plain_batch_norm
-from .residual import SequentialsTraced, is_noop, single_user
+from .residual import SequentialsTraced, add_operands, candidates, is_noop, single_user
 
 _FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm)
 
@@ -139,6 +139,10 @@ def _residual_misses(model: nn.Module) -> list[tuple[str, str]]:
                 continue
             key = f"{name}.{node.target}" if name else node.target
             misses.append((key, f"{type(between).__name__} between the BatchNorm and the residual add: add + ReLU stay"))
+        for *_, conv_node, _, _, why_not in candidates(block, graph):
+            if why_not is not None:
+                key = f"{name}.{conv_node.target}" if name else conv_node.target
+                misses.append((key, f"{why_not}: add + ReLU stay"))
     return misses
 
 
@@ -153,7 +157,4 @@ def _past_noops(block: nn.Module, node: fx.Node) -> fx.Node | None:
 
 def _leads_to_add(node: fx.Node) -> bool:
     user = single_user(node)
-    if user is None:
-        return False
-    name = getattr(user.target, "__name__", str(user.target))
-    return name in ("add", "iadd", "add_")
+    return user is not None and add_operands(user) is not None

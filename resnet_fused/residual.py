@@ -27,30 +27,50 @@ from torch import fx, nn
 
 from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedConv2d, has_hooks
 
-_ADDS = (operator.add, operator.iadd, torch.add)
+_ADDS = (operator.add, torch.add)
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
+_AUGMENTED_OPS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+                  "ixor", "ilshift", "irshift")
 
 
-class _InPlaceAddProxy(fx.Proxy):
-    """A proxy that records ``a += b`` as ``operator.iadd``. fx's own Proxy has no ``__iadd__``,
-    so Python falls back to ``a = a + b``: the regenerated forward would then allocate and type-
-    promote where the original added in place (under autocast, a bf16 block output plus an fp32
-    shortcut stays bf16 in place but becomes fp32 out of place). fx prints ``operator.iadd`` back
-    as ``a += b``."""
+def augmented_assign(op: str, target, value):
+    """``target op= value`` (``op`` an ``operator`` name such as "iadd") as a call: what a traced
+    ``+=``, ``*=``, ... records. Tensors are updated in place and returned; other values (ints
+    from ``x.shape``) give the new value without touching the old one.
 
-    def __iadd__(self, other):
-        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+    fx's own Proxy has no in-place operators, so ``a += b`` traced as ``a = a + b``: the
+    regenerated forward then allocated and type-promoted where the original updated in place
+    (under autocast a bf16 conv output ``+= x`` of fp32 stays bf16; ``+`` makes fp32), and left
+    tensors the original mutated (the caller's input, views) unchanged. Nor is ``operator.iadd``
+    the recorded target: fx prints it back as ``a += b; iadd = a``, rebinding the name ``a``
+    for every later use of an int it held."""
+    return getattr(operator, op)(target, value)
+
+
+def _recorder(op: str):
+    def record(self, other):
+        return self.tracer.create_proxy("call_function", augmented_assign, (op, self, other), {})
+
+    return record
+
+
+class _AugmentedAssignProxy(fx.Proxy):
+    """A Proxy that records augmented assignments as ``augmented_assign`` calls."""
+
+
+for _op in _AUGMENTED_OPS:
+    setattr(_AugmentedAssignProxy, f"__{_op}__", _recorder(_op))
 
 
 class SequentialsTraced(fx.Tracer):
     """Leaves: every module but plain ``nn.Sequential`` containers, whose forward is known.
-    ``+=`` is recorded as itself (``_InPlaceAddProxy``)."""
+    Augmented assignments are recorded as such (``augmented_assign``)."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return not (type(module) is nn.Sequential and not has_hooks(module))
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _InPlaceAddProxy(node, self)
+        return _AugmentedAssignProxy(node, self)
 
 
 def is_noop(module: nn.Module) -> bool:
@@ -69,13 +89,53 @@ def is_relu_node(node: fx.Node, block: nn.Module) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
 
 
-def _add_operands(node: fx.Node) -> tuple | None:
+def add_operands(node: fx.Node) -> tuple | None:
     """The two tensors an add node sums, if it is a plain two-operand add."""
     if node.op == "call_function" and node.target in _ADDS and len(node.args) == 2 and not node.kwargs:
         return node.args
     if node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs:
         return node.args
+    if _is_in_place_add(node):
+        return node.args[1:]
     return None
+
+
+def _is_in_place_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is augmented_assign and node.args[0] == "iadd") or (
+        node.op == "call_method" and node.target == "add_"
+    )
+
+
+def _may_mutate(node: fx.Node, block: nn.Module) -> bool:
+    """Whether ``node`` may write into a tensor it is given: augmented assignments, ``*_``
+    methods and functions, mutating aten overloads, ``out=`` and ``inplace=True`` calls, item
+    assignment, and module calls that are not known to be free of all of these."""
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    if node.op == "call_module":
+        return not _writes_nothing(block.get_submodule(node.target))
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return target._schema.is_mutable
+        return target in (augmented_assign, operator.setitem) or getattr(target, "__name__", "").endswith("_")
+    return False
+
+
+def _writes_nothing(module: nn.Module) -> bool:
+    """Whether calling ``module`` cannot write into its inputs: the fused modules, torch.nn's own
+    modules without an ``inplace=True`` part, and any other module whose forward, traced in both
+    modes, has no node that may write (hooks, or a forward fx cannot trace, count as writing)."""
+    if has_hooks(module):
+        return False
+    if isinstance(module, (FusedConv2d, FoldedBatchNorm2d, FoldedSyncBatchNorm)):
+        return True
+    if type(module).__module__.startswith("torch.nn."):
+        return getattr(module, "inplace", False) is not True and all(_writes_nothing(m) for m in module.children())
+    graphs = [trace_in_mode(module, mode) for mode in (False, True)]
+    return None not in graphs and not any(_may_mutate(node, module) for graph in graphs for node in graph.nodes)
 
 
 def _depends_on(node, target: fx.Node) -> bool:
@@ -113,49 +173,81 @@ def _fused_conv_feeding(node: fx.Node, block: nn.Module) -> fx.Node | None:
     return None
 
 
+def _mutation_between(conv_node: fx.Node, operand: fx.Node, add_node: fx.Node, block: nn.Module) -> bool:
+    """Whether anything between the conv and the add (other than the BN/no-op chain from one to
+    the other) may write into a tensor: the fused call runs where the add was, so the conv would
+    read its input after such a write where the original read it before."""
+    chain, node = set(), operand
+    while node is not conv_node:
+        chain.add(node)
+        node = node.args[0]
+    node = conv_node.next
+    while node is not add_node:
+        if node.op == "root" or (node not in chain and _may_mutate(node, block)):
+            return True  # (past the graph's end: the add is not after the conv)
+        node = node.next
+    return False
+
+
+def candidates(block: nn.Module, graph: fx.Graph):
+    """Each ``relu(add(a, b))`` in ``graph`` (a trace of ``block``) where a fused conv (through
+    its BN and no-ops) feeds an operand: ``(relu, add, operand, conv, other, in_place, why_not)``,
+    ``why_not`` None when the add + ReLU can ride in that conv's epilogue, else the reason."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for relu_node in list(graph.nodes):
+        if not is_relu_node(relu_node, block) or not isinstance(relu_node.args[0], fx.Node):
+            continue
+        add_node = relu_node.args[0]
+        operands = add_operands(add_node)
+        if operands is None or len(add_node.users) != 1:
+            continue
+        in_place = _is_in_place_add(add_node)
+        for i, operand in enumerate(operands):
+            if relu_node not in add_node.users:
+                break  # the caller rewrote this add with the previous operand's conv
+            conv_node = _fused_conv_feeding(operand, block)
+            if conv_node is None:
+                continue
+            other = operands[1 - i]
+            why_not = None
+            if in_place and i == 1:
+                why_not = "the add writes into the other operand in place (x += conv output)"
+            elif calls[conv_node.target] != 1:
+                why_not = "the conv is called more than once"
+            elif not isinstance(other, fx.Node) or _depends_on(other, conv_node):
+                why_not = "the other operand is a constant or depends on the conv's output"
+            elif _mutation_between(conv_node, operand, add_node, block):
+                why_not = "something between the conv and the add may write in place"
+            yield relu_node, add_node, operand, conv_node, other, in_place, why_not
+
+
 def rewrite(block: nn.Module, graph: fx.Graph) -> list[str]:
     """Fuse every residual pattern in ``graph`` (a trace of ``block``); the fused conv targets.
 
     Sets ``relu`` on each fused conv it rewrites, so it only runs where the rewritten graph
     will be the block's forward."""
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     fused, in_place = [], set()
-    for relu_node in list(graph.nodes):
-        if not is_relu_node(relu_node, block) or not isinstance(relu_node.args[0], fx.Node):
+    for relu_node, add_node, operand, conv_node, other, adds_in_place, why_not in candidates(block, graph):
+        if why_not is not None:
             continue
-        add_node = relu_node.args[0]
-        operands = _add_operands(add_node)
-        if operands is None or len(add_node.users) != 1:
-            continue
-        adds_in_place = (add_node.op, add_node.target) in (("call_method", "add_"), ("call_function", operator.iadd))
-        for i, operand in enumerate(operands):
-            if adds_in_place and i == 1:
-                break  # x.add_(conv_out) or x += conv_out mutates x: not the conv's output
-            conv_node = _fused_conv_feeding(operand, block)
-            other = operands[1 - i]
-            if conv_node is None or calls[conv_node.target] != 1 or not isinstance(other, fx.Node):
-                continue
-            if _depends_on(other, conv_node):
-                continue
-            with graph.inserting_before(add_node):
-                new = graph.call_module(conv_node.target, (conv_node.args[0],), {"residual": other})
-            relu_node.replace_all_uses_with(new)
-            for dead in (relu_node, add_node):
-                graph.erase_node(dead)
-            # The folded BN and no-ops between the conv and the add are now unused.
-            node = operand
-            while node is not conv_node:
-                following = node.args[0]
-                graph.erase_node(node)
-                node = following
-            graph.erase_node(conv_node)
-            fused.append(conv_node.target)
-            if adds_in_place:
-                in_place.add(conv_node.target)
-            break
+        with graph.inserting_before(add_node):
+            new = graph.call_module(conv_node.target, (conv_node.args[0],), {"residual": other})
+        relu_node.replace_all_uses_with(new)
+        for dead in (relu_node, add_node):
+            graph.erase_node(dead)
+        # The folded BN and no-ops between the conv and the add are now unused.
+        node = operand
+        while node is not conv_node:
+            following = node.args[0]
+            graph.erase_node(node)
+            node = following
+        graph.erase_node(conv_node)
+        fused.append(conv_node.target)
+        if adds_in_place:
+            in_place.add(conv_node.target)
     for target in fused:
         block.get_submodule(target).relu = True
         block.get_submodule(target).residual_in_place = target in in_place

@@ -25,6 +25,15 @@ def test_wrong_channel_count(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_bad_group_counts(backend):
+    x, _, mean, var = operands(c=6)
+    with pytest.raises(ValueError, match="groups=4 must be a positive int dividing"):
+        resnet_fused.conv_bn_act(x, torch.randn(4, 1, 3, 3), mean[:4], var[:4], groups=4, backend=backend)
+    with pytest.raises(ValueError, match="groups=3 needs at least 3 output channels"):
+        resnet_fused.conv_bn_act(x, torch.randn(0, 2, 3, 3), mean[:0], var[:0], groups=3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_three_dimensional_input(backend):
     x, w, mean, var = operands()
     with pytest.raises(ValueError, match="input must be 4-D.*got 3-D"):

@@ -137,6 +137,85 @@ def test_unfusible_residuals_stay_exact(factory):
     assert not converted.conv2[0].relu
 
 
+class WritesConvInputBeforeAdd(TextbookBlock):
+    """The fused call runs where the add was: a write into the conv's input in between must
+    keep the residual unfused (the conv would read the written tensor)."""
+
+    def __init__(self, how):
+        super().__init__(6, 6)
+        self.how = how
+        self.act = nn.ReLU(inplace=True)
+        self.doubler = Doubler()
+
+    def forward(self, x):
+        y = self.conv1(x)
+        out = self.conv2(y)
+        if self.how == "iadd":
+            y += x
+        elif self.how == "method":
+            y.mul_(2.0)
+        elif self.how == "inplace-module":
+            y = self.act(y)
+        elif self.how == "user-module":
+            y = self.doubler(y)
+        elif self.how == "out-kwarg":
+            torch.mul(y, 2.0, out=y)
+        else:
+            torch.ops.aten.mul_.Tensor(y, y)
+        out += y
+        return self.relu(out)
+
+
+class Doubler(nn.Module):
+    """No ``inplace`` attribute, yet writes into its input."""
+
+    def forward(self, t):
+        return t.mul_(2.0)
+
+
+class NumberResidual(TextbookBlock):
+    def forward(self, x):
+        return self.relu(self.conv2(self.conv1(x)) + x.size(1))
+
+
+class AugmentedAssignments(TextbookBlock):
+    """``+=`` on an int from the shape must not change the int's other uses; ``*=`` on a view and
+    ``-=`` on the block input write into the caller's tensor as the original does; a
+    per-channel residual broadcasts."""
+
+    def forward(self, x):
+        channels = x.shape[1]
+        end = channels
+        end += 1
+        view = x[:, :2]
+        view *= 2.0
+        out = self.conv2(self.conv1(x))
+        out += x.mean((2, 3), keepdim=True)
+        out = self.relu(out)
+        x -= 1.0
+        return out * channels + end
+
+
+WRITES = ["iadd", "method", "inplace-module", "user-module", "out-kwarg", "aten-overload"]
+
+
+@pytest.mark.parametrize("factory", [*(lambda how=how: WritesConvInputBeforeAdd(how) for how in WRITES),
+                                     lambda: AugmentedAssignments(6, 6), lambda: NumberResidual(6, 6)],
+                         ids=[*WRITES, "augmented", "number-residual"])
+def test_in_place_writes_keep_their_meaning(factory):
+    block = randomize_batch_norms(factory(), torch.Generator().manual_seed(5)).eval()
+    converted = resnet_fused.convert(block, backend="cpu")
+    # Only the broadcast and the number residuals fuse: their shape and type are checked at run
+    # time, and these take the exact path.
+    assert converted.conv2[0].relu == isinstance(block, (AugmentedAssignments, NumberResidual))
+    x = torch.randn(2, 6, 5, 7)
+    x_original, x_converted = x.clone(), x.clone()
+    with torch.no_grad():
+        expected, out = block(x_original), converted(x_converted)
+    assert max_rel_error(out, expected) < 1e-5
+    assert torch.equal(x_converted, x_original)  # the caller's input, written the same way
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_textbook_resnet_has_no_leftover_ops(backend):
     x = torch.randn(2, 3, 9, 8)
@@ -215,7 +294,11 @@ def test_report_names_what_stays_and_why():
     assert (report.convs_fused, report.residuals_fused) == (53, 0)
     text = str(report)
     assert "SEModule between the BatchNorm and the residual add" in text
+    assert "the add writes into the other operand in place (x += conv output): add + ReLU stay: layer1.0.downsample.0" in text
     assert len(text.splitlines()) < 25  # one screen
+
+    _, report = resnet_fused.convert(WritesConvInputBeforeAdd("method"), backend="cpu", report=True)
+    assert "something between the conv and the add may write in place: add + ReLU stay: conv2.0" in str(report)
 
     _, report = resnet_fused.convert(textbook_resnet(), backend="cpu", report=True)
     assert (report.convs_fused, report.relus_fused, report.residuals_fused, report.unfused) == (9, 4, 3, [])
