@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedConv2d, has_hooks, is_plain_batch_norm
-from .residual import SequentialsTraced, add_operands, candidates, is_noop, single_user
+from .residual import add_operands, candidates, is_noop, single_user, trace_in_mode
 
 _FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm)
 
@@ -92,10 +92,9 @@ def _conv_reason(model, name, conv, parents, shared) -> str:
     parent_name = parents.get(name, "")
     parent = model.get_submodule(parent_name) if parent_name else model
     local = name[len(parent_name) + 1 :] if parent_name else name
-    try:
-        graph = SequentialsTraced().trace(parent)
-    except Exception as error:
-        return f"the forward of {type(parent).__name__} cannot be traced by torch.fx ({type(error).__name__})"
+    graph = trace_in_mode(parent, parent.training)
+    if graph is None:
+        return f"the forward of {type(parent).__name__} cannot be traced by torch.fx, or assigns module attributes"
     nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == local]
     if len(nodes) != 1:
         return f"called {len(nodes)} times in the forward of {type(parent).__name__}"
@@ -121,9 +120,8 @@ def _residual_misses(model: nn.Module) -> list[tuple[str, str]]:
             type(c) is nn.Sequential for c in block.children()
         ):
             continue
-        try:
-            graph = SequentialsTraced().trace(block)
-        except Exception:
+        graph = trace_in_mode(block, block.training)
+        if graph is None:
             continue
         for node in graph.nodes:
             if node.op != "call_module" or "residual" in node.kwargs:

@@ -106,14 +106,15 @@ def _is_in_place_add(node: fx.Node) -> bool:
     )
 
 
-def _may_mutate(node: fx.Node, block: nn.Module) -> bool:
+def _may_mutate(node: fx.Node, block: nn.Module, verdicts: dict) -> bool:
     """Whether ``node`` may write into a tensor it is given: augmented assignments, ``*_``
     methods and functions, mutating aten overloads, ``out=`` and ``inplace=True`` calls, item
-    assignment, and module calls that are not known to be free of all of these."""
-    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+    assignment, and module calls that are not known to be free of all of these. ``verdicts``
+    caches ``_writes_nothing`` by module for one pass."""
+    if node.kwargs.get("inplace") or "out" in node.kwargs:
         return True
     if node.op == "call_module":
-        return not _writes_nothing(block.get_submodule(node.target))
+        return not _writes_nothing(block.get_submodule(node.target), verdicts)
     if node.op == "call_method":
         return node.target.endswith("_")
     if node.op == "call_function":
@@ -124,18 +125,25 @@ def _may_mutate(node: fx.Node, block: nn.Module) -> bool:
     return False
 
 
-def _writes_nothing(module: nn.Module) -> bool:
+def _writes_nothing(module: nn.Module, verdicts: dict) -> bool:
     """Whether calling ``module`` cannot write into its inputs: the fused modules, torch.nn's own
     modules without an ``inplace=True`` part, and any other module whose forward, traced in both
     modes, has no node that may write (hooks, or a forward fx cannot trace, count as writing)."""
-    if has_hooks(module):
-        return False
-    if isinstance(module, (FusedConv2d, FoldedBatchNorm2d, FoldedSyncBatchNorm)):
-        return True
-    if type(module).__module__.startswith("torch.nn."):
-        return getattr(module, "inplace", False) is not True and all(_writes_nothing(m) for m in module.children())
-    graphs = [trace_in_mode(module, mode) for mode in (False, True)]
-    return None not in graphs and not any(_may_mutate(node, module) for graph in graphs for node in graph.nodes)
+    if id(module) in verdicts:
+        return verdicts[id(module)]
+    verdicts[id(module)] = False  # while deciding: a module that reaches itself writes
+    if has_hooks(module) or getattr(module, "inplace", False):
+        verdict = False
+    elif isinstance(module, (FusedConv2d, FoldedBatchNorm2d, FoldedSyncBatchNorm)):
+        verdict = True
+    elif type(module).__module__.startswith("torch.nn."):
+        verdict = all(_writes_nothing(m, verdicts) for m in module.children())
+    else:
+        graphs = [trace_in_mode(module, mode) for mode in (False, True)]
+        verdict = None not in graphs and not any(
+            _may_mutate(node, module, verdicts) for graph in graphs for node in graph.nodes)
+    verdicts[id(module)] = verdict
+    return verdict
 
 
 def _depends_on(node, target: fx.Node) -> bool:
@@ -173,7 +181,7 @@ def _fused_conv_feeding(node: fx.Node, block: nn.Module) -> fx.Node | None:
     return None
 
 
-def _mutation_between(conv_node: fx.Node, operand: fx.Node, add_node: fx.Node, block: nn.Module) -> bool:
+def _mutation_between(conv_node: fx.Node, operand: fx.Node, add_node: fx.Node, block: nn.Module, verdicts: dict) -> bool:
     """Whether anything between the conv and the add (other than the BN/no-op chain from one to
     the other) may write into a tensor: the fused call runs where the add was, so the conv would
     read its input after such a write where the original read it before."""
@@ -183,7 +191,7 @@ def _mutation_between(conv_node: fx.Node, operand: fx.Node, add_node: fx.Node, b
         node = node.args[0]
     node = conv_node.next
     while node is not add_node:
-        if node.op == "root" or (node not in chain and _may_mutate(node, block)):
+        if node.op == "root" or (node not in chain and _may_mutate(node, block, verdicts)):
             return True  # (past the graph's end: the add is not after the conv)
         node = node.next
     return False
@@ -197,6 +205,7 @@ def candidates(block: nn.Module, graph: fx.Graph):
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    verdicts: dict[int, bool] = {}
     for relu_node in list(graph.nodes):
         if not is_relu_node(relu_node, block) or not isinstance(relu_node.args[0], fx.Node):
             continue
@@ -219,7 +228,7 @@ def candidates(block: nn.Module, graph: fx.Graph):
                 why_not = "the conv is called more than once"
             elif not isinstance(other, fx.Node) or _depends_on(other, conv_node):
                 why_not = "the other operand is a constant or depends on the conv's output"
-            elif _mutation_between(conv_node, operand, add_node, block):
+            elif _mutation_between(conv_node, operand, add_node, block, verdicts):
                 why_not = "something between the conv and the add may write in place"
             yield relu_node, add_node, operand, conv_node, other, in_place, why_not
 
@@ -273,18 +282,41 @@ def leaves(root: nn.Module):
 
 def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
     """fx graph of ``root``'s class forward as it runs in train or eval mode; None if it cannot
-    be traced. Only the traced-through modules switch mode (leaves do not run while tracing)."""
+    be traced, or if the forward assigns module attributes (``self.last = y``, ``self.calls +=
+    1``): generated code would drop those, so the forward is left alone, and what tracing
+    assigned (Proxies) is undone. Only the traced-through modules switch mode (leaves do not run
+    while tracing)."""
     traced = traced_through(root)
     modes = [m.training for m in traced]
+    before = []
     try:
         for m in traced:
             m.training = training
-        return SequentialsTraced().trace(root)
+        before = [_attributes(m) for m in traced]
+        graph = SequentialsTraced().trace(root)
+        return graph if all(_same(_attributes(m), b) for m, b in zip(traced, before)) else None
     except Exception:  # data-dependent control flow and the like: leave it alone
         return None
     finally:
+        for m, attributes in zip(traced, before):
+            if not _same(_attributes(m), attributes):
+                for live, saved in zip((m.__dict__, *(getattr(m, r) for r in _REGISTRIES)), attributes):
+                    live.clear()
+                    live.update(saved)
         for m, mode in zip(traced, modes):
             m.training = mode
+
+
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(module: nn.Module) -> list[dict]:
+    """Copies of what a forward could assign: the instance's attributes and its registries."""
+    return [dict(module.__dict__), *(dict(getattr(module, r)) for r in _REGISTRIES)]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return all(x.keys() == y.keys() and all(x[k] is y[k] for k in x) for x, y in zip(a, b))
 
 
 def _plan(block: nn.Module) -> fx.Graph | None:

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import resnet_fused
 from helpers import TextbookBlock, max_rel_error, randomize_batch_norms, textbook_resnet
 from resnet_fused import FusedConv2d
-from resnet_fused.residual import ResidualForward
+from resnet_fused.residual import ResidualForward, SequentialsTraced
 
 LEFTOVER = ("native_batch_norm", "batch_norm", "add", "add_", "relu", "relu_", "threshold")
 
@@ -145,6 +145,7 @@ class WritesConvInputBeforeAdd(TextbookBlock):
         super().__init__(6, 6)
         self.how = how
         self.act = nn.ReLU(inplace=True)
+        self.truthy = nn.ReLU(1)  # in place: torch tests the flag for truth
         self.doubler = Doubler()
 
     def forward(self, x):
@@ -156,6 +157,8 @@ class WritesConvInputBeforeAdd(TextbookBlock):
             y.mul_(2.0)
         elif self.how == "inplace-module":
             y = self.act(y)
+        elif self.how == "truthy-inplace":
+            y = self.truthy(y)
         elif self.how == "user-module":
             y = self.doubler(y)
         elif self.how == "out-kwarg":
@@ -196,7 +199,7 @@ class AugmentedAssignments(TextbookBlock):
         return out * channels + end
 
 
-WRITES = ["iadd", "method", "inplace-module", "user-module", "out-kwarg", "aten-overload"]
+WRITES = ["iadd", "method", "inplace-module", "truthy-inplace", "user-module", "out-kwarg", "aten-overload"]
 
 
 @pytest.mark.parametrize("factory", [*(lambda how=how: WritesConvInputBeforeAdd(how) for how in WRITES),
@@ -214,6 +217,57 @@ def test_in_place_writes_keep_their_meaning(factory):
         expected, out = block(x_original), converted(x_converted)
     assert max_rel_error(out, expected) < 1e-5
     assert torch.equal(x_converted, x_original)  # the caller's input, written the same way
+
+
+class AssignsAttributes(TextbookBlock):
+    def __init__(self):
+        super().__init__(6, 6)
+        self.calls, self.features = 0, None
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.conv2(self.conv1(x))
+        self.features = out
+        out += x
+        return self.relu(out)
+
+
+def test_forward_that_assigns_attributes_is_left_alone_and_untouched():
+    """Generated code would drop ``self.features = out`` and ``self.calls += 1``, and tracing
+    ran them with Proxies: the block is left as it was, and neither convert nor the report
+    leaves a trace of tracing in it."""
+    block = randomize_batch_norms(AssignsAttributes(), torch.Generator().manual_seed(6)).eval()
+    converted, report = resnet_fused.convert(block, backend="cpu", report=True)
+    assert "forward" not in converted.__dict__ and (converted.calls, converted.features) == (0, None)
+    assert report.residuals_fused == 0
+    x = torch.randn(2, 6, 5, 4)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), block(x)) < 1e-5
+    assert converted.calls == 1 and max_rel_error(converted.features, block.features) < 1e-5
+
+
+class Thrice(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(self.inner(self.inner(x)))
+
+
+def test_nested_shortcut_modules_are_traced_once_each(monkeypatch):
+    """Deciding that a user's shortcut module writes nothing traces each module once per mode,
+    not once per call (5 levels of modules calling their child 3 times: 3**5 calls)."""
+    shortcut = nn.Identity()
+    for _ in range(5):
+        shortcut = Thrice(shortcut)
+    block = Block("+", "module")
+    block.shortcut, block.shortcut_after = shortcut, True
+    traces = []
+    real = SequentialsTraced.trace
+    monkeypatch.setattr(SequentialsTraced, "trace", lambda self, root, *a, **k: traces.append(root) or real(self, root, *a, **k))
+    converted = resnet_fused.convert(block.eval(), backend="cpu")
+    assert converted.branch[3].relu and len(traces) < 30, len(traces)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
