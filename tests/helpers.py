@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def randomize_batch_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
@@ -78,3 +81,22 @@ def textbook_resnet(width: int = 8, num_classes: int = 5) -> nn.Module:
         TextbookBlock(width, width), TextbookBlock(width, 2 * width, 2), TextbookBlock(2 * width, 4 * width, 2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
     )
+
+
+# The ops a fused residual unit replaces (what convert must leave none of where it fuses).
+LEFTOVER = ("native_batch_norm", "batch_norm", "add", "add_", "relu", "relu_", "threshold")
+
+
+class CountOps(TorchDispatchMode):
+    """The aten ops a block of code dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def leftover(self) -> dict[str, int]:
+        return {name: n for name, n in self.counts.items() if name in LEFTOVER}

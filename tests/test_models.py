@@ -4,16 +4,14 @@ torchvision checkpoint compatibility, option-A shortcuts, and full fusion by con
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
-from helpers import max_rel_error, randomize_batch_norms
+from helpers import CountOps, max_rel_error, randomize_batch_norms
 from resnet_fused import FusedConv2d
 from resnet_fused import models as M
 
@@ -138,16 +136,6 @@ def test_option_a_shortcut_subsamples_and_zero_pads():
         assert torch.allclose(block(x), F.relu(inner + out))
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 UNFUSED_OPS = {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
                "batch_norm", "add", "add_", "relu", "relu_"}
 
@@ -172,10 +160,10 @@ def test_convert_fuses_everything_in_eval(name):
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert sum(isinstance(m, FusedConv2d) for m in fused.modules()) == n_convs
     x = torch.randn(shape)
-    with torch.no_grad(), OpCounter() as counter:
+    with torch.no_grad(), CountOps() as counter:
         out = fused(x)
-    assert counter.ops["conv_bn_act"] == n_convs
-    assert not UNFUSED_OPS & set(counter.ops), counter.ops
+    assert counter.counts["conv_bn_act"] == n_convs
+    assert not UNFUSED_OPS & set(counter.counts), counter.counts
     with torch.no_grad():
         assert max_rel_error(out, model(x)) < 1e-5
     assert M.count_macs(fused, shape[1:]) == M.count_macs(model, shape[1:])

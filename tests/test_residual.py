@@ -13,27 +13,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
-from helpers import TextbookBlock, max_rel_error, randomize_batch_norms, textbook_resnet
+from helpers import CountOps, TextbookBlock, max_rel_error, randomize_batch_norms, textbook_resnet
 from resnet_fused import FusedConv2d
 from resnet_fused.residual import ResidualForward, SequentialsTraced
-
-LEFTOVER = ("native_batch_norm", "batch_norm", "add", "add_", "relu", "relu_", "threshold")
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def leftover(self) -> dict[str, int]:
-        return {name: n for name, n in self.counts.items() if name in LEFTOVER}
 
 
 def check_converted(model, x, backend="cpu", leftover=None, tol=1e-5, counts=None):
