@@ -32,7 +32,7 @@ import triton
 
 import resnet_fused
 from resnet_fused import FusedConv2d
-from resnet_fused.bench import bench_model, fused_backends_for
+from resnet_fused.bench.models import bench_model, fused_backends_for
 
 HERE = Path(__file__).resolve().parent
 

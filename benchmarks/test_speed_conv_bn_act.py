@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused
-from resnet_fused.bench import fused_backends_for
+from resnet_fused.bench.models import fused_backends_for
 
 # ResNet-18/50 conv shapes at batch 8: (C, H, W, K, kernel, stride, residual)
 SHAPES = {

@@ -1,44 +1,97 @@
-"""Which implementation runs a fused op: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+"""The backend registry: which implementation runs a fused op. One record per backend says
+where it runs, its inference op and its training kernels; everything else (functional.py,
+training.py, nn.py, the bench) asks the registry. Adding a backend is one ``Backend`` record
+in ``REGISTRY`` plus the module holding its ``inference`` and ``kernels``.
 
 The choice is made per call from the tensor's device, so a converted model can be moved
-between devices afterwards. Nothing here touches the GPU at import time.
+between devices afterwards. Nothing here touches the GPU, or imports Triton, at import time.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import _extension
+from .ops import extension, reference
+from .ops import triton as triton_ops
 
-BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+@dataclass(frozen=True)
+class Kernels:
+    """One backend's implementation of the training unit's pieces (semantics: ops/reference.py)."""
+
+    # (x, weight, bias, stride, padding, dilation, groups, allow_tf32) -> (y, mean, var)
+    conv_stats: Callable
+    apply: Callable  # reference.bn_act_apply
+    backward_reduce: Callable  # reference.bn_act_backward_reduce
+    backward_apply: Callable  # reference.bn_act_backward_apply
+    update_running_stats: Callable  # reference.update_running_stats (in place)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # Whether it can run tensors on this device on this machine, and if not, why.
+    runs_on: Callable[[torch.device], bool]
+    why_not: str
+    # (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride,
+    #  padding, dilation, groups, relu, allow_tf32) -> out, arguments validated (functional.py).
+    inference: Callable[..., torch.Tensor]
+    kernels: Callable[[], Kernels]  # the training unit's pieces (training.py)
+    # The unfused PyTorch ops: the oracle and the fallback, not a fused path.
+    is_reference: bool = False
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_usable_on(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and triton_interpreting()
+REGISTRY: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend(
+            "triton",
+            lambda device: device.type == "cuda" or (device.type == "cpu" and triton_interpreting()),
+            "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)",
+            triton_ops.inference, triton_ops.kernels,
+        ),
+        Backend(
+            "cuda",
+            lambda device: device.type == "cuda" and _extension.has_cuda_ops(),
+            "it needs a CUDA tensor and the extension built with CUDA",
+            extension.inference, extension.kernels,
+        ),
+        Backend(
+            "cpu",
+            lambda device: device.type == "cpu" and _extension.has_cpu_ops(),
+            "it needs a CPU tensor and the compiled extension resnet_fused._C",
+            extension.inference, extension.kernels,
+        ),
+        Backend("reference", lambda device: True, "", reference.inference, reference.kernels, is_reference=True),
+    )
+}
+
+BACKENDS = tuple(REGISTRY)  # fastest first
+FUSED_BACKENDS = tuple(name for name, backend in REGISTRY.items() if not backend.is_reference)
+
+
+def get(name: str) -> Backend:
+    check_backend_name(name)
+    return REGISTRY[name]
 
 
 def available_backends() -> list[str]:
     """The backends that can run on this machine, fastest first."""
-    gpu = torch.cuda.is_available()
-    usable = {
-        "triton": gpu or triton_interpreting(),
-        "cuda": gpu and _extension.has_cuda_ops(),
-        "cpu": _extension.has_cpu_ops(),
-        "reference": True,
-    }
-    return [name for name in BACKENDS if usable[name]]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [name for name, backend in REGISTRY.items() if any(backend.runs_on(d) for d in devices)]
 
 
 def check_backend_name(backend: str) -> None:
-    if backend != "auto" and backend not in BACKENDS:
+    if backend != "auto" and backend not in REGISTRY:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")
 
 
@@ -49,23 +102,12 @@ def resolve(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             # The Triton kernel is the tuned path until the hand-written CUDA kernels land.
             return "triton"
-        if device.type == "cpu" and _extension.has_cpu_ops():
+        if device.type == "cpu" and REGISTRY["cpu"].runs_on(device):
             return "cpu"
         return "reference"
-    runs_here = {
-        "triton": _triton_usable_on(device),
-        "cuda": device.type == "cuda" and _extension.has_cuda_ops(),
-        "cpu": device.type == "cpu" and _extension.has_cpu_ops(),
-        "reference": True,
-    }[backend]
-    if not runs_here:
-        why = {
-            "triton": "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)",
-            "cuda": "it needs a CUDA tensor and the extension built with CUDA",
-            "cpu": "it needs a CPU tensor and the compiled extension resnet_fused._C",
-        }[backend]
+    if not REGISTRY[backend].runs_on(device):
         raise RuntimeError(
-            f"backend {backend!r} cannot run a tensor on {device}: {why}. "
+            f"backend {backend!r} cannot run a tensor on {device}: {REGISTRY[backend].why_not}. "
             f"Available here: {available_backends()}; backend='auto' picks one per device."
         )
     return backend

@@ -2,7 +2,7 @@
 
 ``bench`` compares, on this machine's device and in one process, the unfused model (eager NCHW
 and channels_last), torch.compile, each fused backend and (CPU inference) the frozen model; see
-``resnet_fused/bench.py`` for what each variant is and how it is timed. A request that cannot
+``resnet_fused/bench/models.py`` for what each variant is and how it is timed. A request that cannot
 run here (unknown model, a backend or dtype the device lacks, batch < 1) gets a one-line error
 and exit status 2.
 """
@@ -65,7 +65,7 @@ def bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .bench import BenchError, run_bench
+    from .bench.models import BenchError, run_bench
 
     console = Console()
     if not console.is_terminal:  # files and pipes: no cropping at 80 columns

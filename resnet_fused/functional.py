@@ -1,4 +1,5 @@
-"""Functional entry points of the fused ops: validate once, then dispatch to a backend.
+"""Functional entry points of the fused ops: validate once, resolve the backend once, then run
+the backend's registered implementation (backends.REGISTRY).
 
 ``conv_bn_act`` is the inference op: ``act(batch_norm_eval(conv2d(x, weight) + bias)
 [+ residual])``, the BatchNorm applied from its running statistics inside the kernel.
@@ -14,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import backends, reference
-from .ops.conv_bn_act import conv_bn_act_triton, output_size
+from . import backends
+from .ops.shapes import output_size
 from .sync_batch_norm import SyncConvBatchNormAct, sync_group_size
 from .training import conv_bn_act_train, kernels
 
@@ -117,17 +118,9 @@ def conv_bn_act(
     if running_mean is None or running_var is None:
         raise ValueError("conv_bn_act: running_mean and running_var are required (eval-mode BatchNorm)")
     check_conv_bn_act(x, weight, per_channel, eps, residual, stride, padding, dilation, groups)
-    bn_args = (bias, bn_weight, bn_bias, running_mean, running_var, float(eps))
     chosen = backends.resolve(backend, x.device)
-    if chosen == "triton":
-        return conv_bn_act_triton(x, weight, *bn_args, residual, stride, padding, dilation, groups, relu,
-                                  conv_allows_tf32())
-    if chosen in ("cpu", "cuda"):
-        return torch.ops.resnet_fused.conv_bn_act(x, weight, *bn_args, residual, stride, padding, dilation, groups, relu)
-    return reference.conv_bn_act(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=eps, residual=residual,
-        relu=relu, stride=stride, padding=padding, dilation=dilation, groups=groups,
-    )
+    return backends.get(chosen).inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                          residual, stride, padding, dilation, groups, relu, conv_allows_tf32())
 
 
 def conv_allows_tf32() -> bool:
@@ -185,7 +178,19 @@ def conv_batch_norm_act(
     if (running_mean is None) != (running_var is None):
         raise ValueError("conv_batch_norm_act: give both running_mean and running_var, or neither")
     check_conv_bn_act(x, weight, per_channel, eps, residual, stride, padding, dilation, groups)
-    chosen = backends.resolve(backend, x.device)
+    return run_unit(
+        x, weight, running_mean, running_var, training, momentum, eps, bias, bn_weight, bn_bias, num_batches_tracked,
+        track_running_stats, residual, stride, padding, dilation, groups, relu, backends.resolve(backend, x.device),
+        synchronize, process_group,
+    )
+
+
+def run_unit(x, weight, running_mean, running_var, training, momentum, eps, bias, bn_weight, bn_bias,
+             num_batches_tracked, track_running_stats, residual, stride, padding, dilation, groups, relu, chosen,
+             synchronize, process_group) -> torch.Tensor:
+    """``conv_batch_norm_act``'s body, for callers that validated the arguments
+    (``check_conv_bn_act``; stride, padding and dilation as lists of two ints) and resolved
+    the backend (``chosen``) themselves: the fused modules, once per call."""
     # Which statistics, and whether to update the running ones: nn.BatchNorm2d's rules.
     factor = 0.0 if momentum is None else momentum
     if training and track_running_stats and num_batches_tracked is not None:
@@ -199,9 +204,8 @@ def conv_batch_norm_act(
     tensors = (x, weight, bias, bn_weight, bn_bias, residual)
     recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not batch_stats and not recording:
-        return conv_bn_act(x, weight, running_mean, running_var, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
-                           eps=eps, residual=residual, stride=stride, padding=padding, dilation=dilation,
-                           groups=groups, relu=relu, backend=chosen)
+        return backends.get(chosen).inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                              residual, stride, padding, dilation, groups, relu, conv_allows_tf32())
 
     out_shape = (x.shape[0], weight.shape[0], *(
         output_size(*dims) for dims in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)))

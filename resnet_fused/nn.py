@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import backends, functional, reference
-from .ops.conv_bn_act import output_size
+from . import backends, functional
+from .ops import reference
+from .ops.shapes import output_size
 
 
 def _share_state(folded: nn.Module, bn: nn.Module) -> None:
@@ -101,17 +102,19 @@ class FusedConv2d(nn.Conv2d):
             bias = _autocast(bias, dtype) if bias is not None else None
         if isinstance(residual, torch.Tensor) and self.residual_in_place and residual.dtype != x.dtype != torch.float64:
             residual = residual.to(x.dtype)  # an in-place add does not promote
-        if backend == "reference" or not self._fusable(x, weight, residual):
+        if backends.get(backend).is_reference or not self._fusable(x, weight, residual):
             return reference.conv_bn_act_modules(x, self, bn, residual, self.relu, self.residual_in_place)
         # The live parameters and buffers on every call: nothing folded ahead of time, so an
         # optimizer step, a load_state_dict or a write through .data is always seen.
-        return functional.conv_batch_norm_act(
-            x, weight, bn.running_mean, bn.running_var, bias=bias, bn_weight=bn.weight, bn_bias=bn.bias,
-            training=bn.training, momentum=bn.momentum, eps=bn.eps,
-            num_batches_tracked=bn.num_batches_tracked if bn.track_running_stats else None,
-            track_running_stats=bn.track_running_stats, residual=residual, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, groups=self.groups, relu=self.relu, backend=backend,
-            synchronize=isinstance(bn, FoldedSyncBatchNorm), process_group=getattr(bn, "process_group", None),
+        stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
+        per_channel = {"bias": bias, "bn_weight": bn.weight, "bn_bias": bn.bias,
+                       "running_mean": bn.running_mean, "running_var": bn.running_var}
+        functional.check_conv_bn_act(x, weight, per_channel, bn.eps, residual, stride, padding, dilation, self.groups)
+        return functional.run_unit(
+            x, weight, bn.running_mean, bn.running_var, bn.training, bn.momentum, bn.eps, bias, bn.weight, bn.bias,
+            bn.num_batches_tracked if bn.track_running_stats else None, bn.track_running_stats, residual, stride,
+            padding, dilation, self.groups, self.relu, backend, isinstance(bn, FoldedSyncBatchNorm),
+            getattr(bn, "process_group", None),
         )
 
     def _fusable(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:

@@ -24,80 +24,23 @@ then the convolution's input, weight and bias gradients from dy (ATen's
 ``convolution_backward``). x̂ is recomputed from y, never stored. Work whose gradient nobody
 needs is skipped (the reduction pass, the residual gradient, the conv gradients).
 
-Each backend supplies the same five kernels (``Kernels``): C++ ops for ``cpu``/``cuda``
-(csrc/*/bn_act.*), Triton ops for ``triton`` (ops/conv_bn_stats.py, ops/bn_act.py), and the
-plain-torch specification in reference.py for ``reference``.
+Each backend supplies the same five kernels (``backends.Kernels``, from its registry record):
+C++ ops for ``cpu``/``cuda`` (ops/extension.py over csrc/*/bn_act.*), Triton ops for
+``triton`` (ops/triton/conv_bn_stats.py, ops/triton/bn_act.py), and the plain-torch
+specification in ops/reference.py for ``reference``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
-from . import reference
-from .ops.conv_bn_act import empty_output, output_memory_format
+from . import backends
+from .ops import aten, fakes
+from .ops.shapes import acc_dtype, output_memory_format
 
 
-@dataclass(frozen=True)
-class Kernels:
-    """One backend's implementation of the training unit's pieces (semantics: reference.py)."""
-
-    # (x, weight, bias, stride, padding, dilation, groups, allow_tf32) -> (y, mean, var)
-    conv_stats: Callable
-    apply: Callable  # reference.bn_act_apply
-    backward_reduce: Callable  # reference.bn_act_backward_reduce
-    backward_apply: Callable  # reference.bn_act_backward_apply
-    update_running_stats: Callable  # reference.update_running_stats (in place)
-
-
-def _conv(x, weight, bias, stride, padding, dilation, groups):
-    """ATen's convolution (oneDNN / cuDNN), the weight in the input's memory format so the
-    output's format is the input's, as the fake kernel predicts."""
-    fmt = output_memory_format(x)
-    return torch.ops.aten.convolution(
-        x, weight.contiguous(memory_format=fmt), bias, stride, padding, dilation, False, [0, 0], groups
-    )
-
-
-def _reference_kernels() -> Kernels:
-    def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
-        y = _conv(x, weight, bias, stride, padding, dilation, groups)
-        return (y, *reference.bn_stats(y))
-
-    return Kernels(conv_stats, reference.bn_act_apply, reference.bn_act_backward_reduce,
-                   reference.bn_act_backward_apply, reference.update_running_stats)
-
-
-def _extension_kernels() -> Kernels:
-    """The C++ ops: registered for CPU and CUDA tensors alike, so one set serves both."""
-    ops = torch.ops.resnet_fused
-
-    def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
-        y = _conv(x, weight, bias, stride, padding, dilation, groups)
-        return (y, *ops.bn_stats(y))
-
-    return Kernels(conv_stats, ops.bn_act_apply, ops.bn_act_backward_reduce, ops.bn_act_backward_apply,
-                   ops.bn_update_running_stats_)
-
-
-def _triton_kernels() -> Kernels:
-    from .ops import bn_act, conv_bn_stats
-
-    def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
-        return conv_bn_stats.conv_bn_stats_triton(x, weight, bias, stride, padding, dilation, groups, allow_tf32)
-
-    return Kernels(conv_stats, bn_act.bn_act_apply_triton, bn_act.bn_act_backward_reduce_triton,
-                   bn_act.bn_act_backward_apply_triton, bn_act.bn_update_running_stats_triton_)
-
-
-_KERNEL_FACTORIES = {"reference": _reference_kernels, "cpu": _extension_kernels, "cuda": _extension_kernels,
-                     "triton": _triton_kernels}
-
-
-def kernels(backend: str) -> Kernels:
-    return _KERNEL_FACTORIES[backend]()
+def kernels(backend: str) -> backends.Kernels:
+    return backends.get(backend).kernels()
 
 
 @torch.library.custom_op("resnet_fused::conv_bn_act_train", mutates_args=())
@@ -122,23 +65,18 @@ def conv_bn_act_train(
     """``(out, y, mean, var)``: batch statistics when ``running_mean``/``running_var`` are None,
     else those running statistics. Arguments are assumed validated (functional.py)."""
     k = kernels(backend)
-    acc = reference.acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     if running_mean is None:
         y, mean, var = k.conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32)
     else:
-        y = _conv(x, weight, bias, stride, padding, dilation, groups)
+        y = aten.convolution(x, weight, bias, stride, padding, dilation, groups)
         # Copies: an op's outputs may not alias its inputs.
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     out = k.apply(y, mean, var, bn_weight, bn_bias, eps, residual, relu)
     return out, y, mean, var
 
 
-@conv_bn_act_train.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation,
-      groups, relu, backend, allow_tf32):
-    out = empty_output(x, weight, stride, padding, dilation)
-    per_channel = x.new_empty(weight.shape[0], dtype=reference.acc_dtype(x.dtype))
-    return out, torch.empty_like(out), per_channel, torch.empty_like(per_channel)
+conv_bn_act_train.register_fake(fakes.conv_bn_act_train)
 
 
 def _setup_context(ctx, inputs, output):
@@ -215,10 +153,8 @@ def backward_unit(k: Kernels, grad_out, x, weight, bn_weight, out, y, mean, var,
         d_residual = grad_out  # the add passes its gradient through unchanged
     dx = dw = db = None
     if need_conv:
-        fmt = output_memory_format(x)
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            dy, x, weight.contiguous(memory_format=fmt), [weight.shape[0]] if conv["has_bias"] else None,
-            conv["stride"], conv["padding"], conv["dilation"], False, [0, 0], conv["groups"],
+        dx, dw, db = aten.convolution_backward(
+            dy, x, weight, conv["has_bias"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"],
             [need_input, need_weight, need_bias],
         )
     dgamma = sum_g_xhat.to(bn_weight.dtype) if need_gamma else None

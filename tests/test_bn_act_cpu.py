@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from helpers import assert_low_precision_close, max_rel_error
-from resnet_fused import _extension, reference
+from resnet_fused import _extension
+from resnet_fused.ops import reference
 
 ops = torch.ops.resnet_fused
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from helpers import assert_low_precision_close, max_rel_error
-from resnet_fused import reference
+from resnet_fused.ops import reference
 from resnet_fused.functional import conv_bn_act
-from resnet_fused.ops import conv_bn_act as triton_op
+from resnet_fused.ops.shapes import span
+from resnet_fused.ops.triton import conv_bn_act as triton_op
 
 # (N, C, H, W, K, kernel, stride, padding, dilation): odd sizes, C and K not multiples of the
 # block sizes, and one case larger than a block in M, K and C so the tile loops wrap.
@@ -108,7 +109,7 @@ def test_int64_indexing_path_gives_the_same_result(monkeypatch):
 
 def test_int64_decision_uses_the_span_not_numel():
     big = torch.empty_strided((2, 3, 4, 4), (2**31, 16, 4, 1), device="meta")  # 96 elements, huge span
-    assert big.numel() < triton_op.INT32_MAX < triton_op._span(big)
+    assert big.numel() < triton_op.INT32_MAX < span(big)
 
 
 def test_strided_views_and_broadcast_residual():
@@ -183,7 +184,7 @@ def test_group_count_past_cuda_grid_limits(monkeypatch):
     """CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31-1): a depthwise conv with 65537
     groups (odd: one per tile) must put its group tiles on axis 0, in both Triton convs. The
     kernels are stubbed out; only the launch grids are looked at."""
-    from resnet_fused.ops import conv_bn_stats
+    from resnet_fused.ops.triton import conv_bn_stats
 
     grids = []
 
@@ -208,7 +209,7 @@ def test_group_count_past_cuda_grid_limits(monkeypatch):
     (8, 4, 2, 4), (2, 16, 16, 1), (3, 5, 5, 1),
 ])
 def test_group_tile_packs_whole_groups_into_16_channels(groups, c_per_group, k_per_group, expected):
-    from resnet_fused.ops.implicit_gemm import group_tile
+    from resnet_fused.ops.triton.implicit_gemm import group_tile
 
     tile = group_tile(groups, c_per_group, k_per_group)
     assert tile == expected

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resnet_fused.ops import conv_bn_act as triton_op
+from resnet_fused.ops.triton import conv_bn_act as triton_op
 from sm90 import Job, compile_for_hopper
 
 TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-KERNEL = "resnet_fused.ops.conv_bn_act:_conv_bn_act_fwd_kernel"
+KERNEL = "resnet_fused.ops.triton.conv_bn_act:_conv_bn_act_fwd_kernel"
 INDEX_ARGS = (
     "M", "N", "C", "H", "W", "K", "P", "Q", "tile_c", "tile_k", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
     "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",

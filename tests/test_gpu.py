@@ -11,8 +11,8 @@ from torchvision.models import resnet18, resnet50
 
 import resnet_fused
 from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms
-from resnet_fused import reference
-from resnet_fused.ops import conv_bn_act as triton_op
+from resnet_fused.ops import reference
+from resnet_fused.ops.triton import conv_bn_act as triton_op
 from test_conv_bn_act import SHAPES, fused, make_case
 
 pytestmark = pytest.mark.gpu
@@ -123,7 +123,7 @@ GROUPED_SHAPES = {
 def test_grouped_conv_every_config_and_statistics(name, dtype):
     """Grouped convs in the Triton kernels: every config the autotuner may choose for the
     shape, the autotuned op, and the training conv's batch statistics."""
-    from resnet_fused.ops import conv_bn_stats
+    from resnet_fused.ops.triton import conv_bn_stats
     from test_conv_bn_act import make_grouped_case
 
     x, weight, bn, residual, conv_args = make_grouped_case(GROUPED_SHAPES[name], torch.float32, True, True, 8)

@@ -17,7 +17,8 @@ from torch import nn
 import resnet_fused
 from helpers import CountOps, TextbookBlock, max_rel_error, randomize_batch_norms, textbook_resnet
 from resnet_fused import FusedConv2d
-from resnet_fused.residual import ResidualForward, SequentialsTraced
+from resnet_fused.convert.residual import ResidualForward
+from resnet_fused.convert.tracing import SequentialsTraced
 
 
 def check_converted(model, x, backend="cpu", leftover=None, tol=1e-5, counts=None):

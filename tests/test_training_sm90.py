@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resnet_fused.ops import bn_act, conv_bn_stats
-from resnet_fused.ops import conv_bn_act as inference
+from resnet_fused.ops.triton import bn_act, conv_bn_stats
+from resnet_fused.ops.triton import conv_bn_act as inference
 from sm90 import Job, compile_for_hopper
 import test_conv_bn_act_sm90 as inference_sm90
 from test_conv_bn_act_sm90 import TRITON_TYPE, tile_name
@@ -23,7 +23,7 @@ from test_conv_bn_act_sm90 import TRITON_TYPE, tile_name
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # --- conv_bn_stats ---------------------------------------------------------------------------
-STATS_KERNEL = "resnet_fused.ops.conv_bn_stats:_conv_bn_stats_fwd_kernel"
+STATS_KERNEL = "resnet_fused.ops.triton.conv_bn_stats:_conv_bn_stats_fwd_kernel"
 STATS_INDEX_ARGS = (
     "M", "N", "C", "H", "W", "K", "P", "Q", "tile_c", "tile_k", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
     "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sy_n", "sy_p", "sy_q",
@@ -62,7 +62,7 @@ def finalize_job():
                  "var_ptr": "*fp32", "M": "i32", "K": "i32", "T": "i32"}
     constexprs = {"BLOCK_T": conv_bn_stats._FIN_BLOCK_T, "BLOCK_K": conv_bn_stats._FIN_BLOCK_K}
     aligned = ("hi_part_ptr", "lo_part_ptr", "m2_part_ptr", "mean_ptr", "var_ptr", "K")
-    return Job("resnet_fused.ops.conv_bn_stats:_conv_bn_stats_finalize_kernel", signature, constexprs, 4, 3, aligned)
+    return Job("resnet_fused.ops.triton.conv_bn_stats:_conv_bn_stats_finalize_kernel", signature, constexprs, 4, 3, aligned)
 
 
 # Per activation: its (n, k, l) stride names. NCHW: l unit, channels_last: k unit.
@@ -104,7 +104,7 @@ def bn_act_job(name, dtype, channels_last, use_int64=False):
             signature[arg] = SCALARS[arg]
     block_l, block_k = bn_act._blocks(256, 56 * 56)
     constexprs.update(USE_INT64=use_int64, BLOCK_L=block_l, BLOCK_K=block_k)
-    return Job(f"resnet_fused.ops.bn_act:{name}", signature, constexprs, bn_act._NUM_WARPS, 3, tuple(aligned))
+    return Job(f"resnet_fused.ops.triton.bn_act:{name}", signature, constexprs, bn_act._NUM_WARPS, 3, tuple(aligned))
 
 
 def small_kernel_cases():
@@ -115,14 +115,14 @@ def small_kernel_cases():
                 out[f"{name}-{TRITON_TYPE[dtype]}-{'nhwc' if channels_last else 'nchw'}"] = bn_act_job(name, dtype, channels_last)
         out[f"{name}-fp16-int64"] = bn_act_job(name, torch.float16, True, use_int64=True)
     out["_bn_partials_sum_kernel"] = Job(
-        "resnet_fused.ops.bn_act:_bn_partials_sum_kernel",
+        "resnet_fused.ops.triton.bn_act:_bn_partials_sum_kernel",
         {"part_g_ptr": "*fp32", "part_gx_ptr": "*fp32", "sum_g_ptr": "*fp32", "sum_gx_ptr": "*fp32", "T": "i32", "K": "i32"},
         {"BLOCK_T": bn_act._SUM_BLOCK_T, "BLOCK_K": bn_act._SUM_BLOCK_K}, bn_act._NUM_WARPS, 3,
         ("part_g_ptr", "part_gx_ptr", "sum_g_ptr", "sum_gx_ptr", "K"),
     )
     for dtype in DTYPES:  # running statistics are usually fp32, fp16/bf16 in half-precision models
         out[f"_bn_running_stats_kernel-{TRITON_TYPE[dtype]}"] = Job(
-            "resnet_fused.ops.bn_act:_bn_running_stats_kernel",
+            "resnet_fused.ops.triton.bn_act:_bn_running_stats_kernel",
             {"running_mean_ptr": "*" + TRITON_TYPE[dtype], "running_var_ptr": "*" + TRITON_TYPE[dtype],
              "mean_ptr": "*fp32", "var_ptr": "*fp32", "K": "i32", "momentum": "fp32", "unbias": "fp32"},
             {"s_rm": 1, "s_rv": 1, "BLOCK_K": 1024}, bn_act._NUM_WARPS, 3,

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import triton
 
 from helpers import max_rel_error
-from resnet_fused import reference
-from resnet_fused.ops import bn_act, conv_bn_stats
+from resnet_fused.ops import reference
+from resnet_fused.ops.triton import bn_act, conv_bn_stats
 
 CL = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 

@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import aten
+from .shapes import acc_dtype
+
 
 def conv_bn_act(
     x: torch.Tensor,
@@ -35,6 +38,14 @@ def conv_bn_act(
     y = F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return add_act(y, residual, relu)
+
+
+def inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding,
+              dilation, groups, relu, allow_tf32):
+    """The ``reference`` backend's inference op (the registry's signature); ``allow_tf32`` is
+    PyTorch's own setting, which ``F.conv2d`` reads itself."""
+    return conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps=eps, residual=residual,
+                       relu=relu, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
 def conv_bn_act_modules(
@@ -67,13 +78,9 @@ def add_act(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch
 
 
 # The pieces of a fused training unit, in plain torch: the specification each backend's
-# kernels implement (C++ ops in csrc/*/bn_act.*, Triton ops in ops/), and the 'reference'
+# kernels implement (C++ ops in csrc/*/bn_act.*, Triton ops in ops/triton/), and the 'reference'
 # kernel set of the training op. Per-channel statistics are in the input's accumulation type
 # (float32 for fp16/bf16/fp32, float64 for float64), reduced over (N, H, W).
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,3 +149,14 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
 def _masked_grad(grad_out, out, relu: bool):
     # Zero where out <= 0, as threshold_backward: a NaN output passes its gradient through.
     return torch.where(out <= 0, torch.zeros_like(grad_out), grad_out) if relu else grad_out
+
+
+def kernels():
+    """The ``reference`` backend's training kernels: ATen's convolution, these pieces."""
+    from ..backends import Kernels
+
+    def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
+        y = aten.convolution(x, weight, bias, stride, padding, dilation, groups)
+        return (y, *bn_stats(y))
+
+    return Kernels(conv_stats, bn_act_apply, bn_act_backward_reduce, bn_act_backward_apply, update_running_stats)

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional
-from .bench import Peaks, Progress, fused_backends_for, synchronize
-from .convert import convert
-from .nn import FusedConv2d
+from .. import functional
+from ..convert import convert
+from ..nn import FusedConv2d
+from .timing import Peaks, Progress, fused_backends_for, synchronize
 
 
 @dataclass
@@ -204,7 +204,7 @@ def _no_grad(variants: dict[str, Callable[[], object]]) -> dict[str, Callable[[]
 def _frozen_conv(layer: LayerResult, w, mean, var, gamma, beta, dtype, device):
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
-    from .freeze import FrozenConv2d, mkldnn_usable
+    from ..freeze import FrozenConv2d, mkldnn_usable
 
     if not mkldnn_usable(dtype):
         return None

@@ -1,7 +1,7 @@
 """Residual fusion in blocks of any class: ``conv → BN [→ no-op] → add(other) → ReLU`` becomes one
 fused conv whose epilogue adds ``other`` and applies the ReLU.
 
-Runs after the conv+BN chain pass (convert.py), so the pattern is seen as a ``FusedConv2d``
+Runs after the conv+BN chain pass (chains.py), so the pattern is seen as a ``FusedConv2d``
 without a ReLU, its ``FoldedBatchNorm2d`` (an identity), optional no-op modules, an add and a
 ReLU. The block's forward is traced with torch.fx (plain ``nn.Sequential`` containers traced
 through, every other module a leaf) in train *and* eval mode; the two traces must agree, or the
@@ -19,74 +19,17 @@ forward again and reapplies the same rewrite, which the fused modules make deter
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedConv2d, has_hooks
+from ..nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks
+from .tracing import Traces, augmented_assign, is_noop, is_relu_node, single_user, trace_in_mode
 
 _ADDS = (operator.add, torch.add)
-_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
-_AUGMENTED_OPS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
-                  "ixor", "ilshift", "irshift")
-
-
-def augmented_assign(op: str, target, value):
-    """``target op= value`` (``op`` an ``operator`` name such as "iadd") as a call: what a traced
-    ``+=``, ``*=``, ... records. Tensors are updated in place and returned; other values (ints
-    from ``x.shape``) give the new value without touching the old one.
-
-    fx's own Proxy has no in-place operators, so ``a += b`` traced as ``a = a + b``: the
-    regenerated forward then allocated and type-promoted where the original updated in place
-    (under autocast a bf16 conv output ``+= x`` of fp32 stays bf16; ``+`` makes fp32), and left
-    tensors the original mutated (the caller's input, views) unchanged. Nor is ``operator.iadd``
-    the recorded target: fx prints it back as ``a += b; iadd = a``, rebinding the name ``a``
-    for every later use of an int it held."""
-    return getattr(operator, op)(target, value)
-
-
-def _recorder(op: str):
-    def record(self, other):
-        return self.tracer.create_proxy("call_function", augmented_assign, (op, self, other), {})
-
-    return record
-
-
-class _AugmentedAssignProxy(fx.Proxy):
-    """A Proxy that records augmented assignments as ``augmented_assign`` calls."""
-
-
-for _op in _AUGMENTED_OPS:
-    setattr(_AugmentedAssignProxy, f"__{_op}__", _recorder(_op))
-
-
-class SequentialsTraced(fx.Tracer):
-    """Leaves: every module but plain ``nn.Sequential`` containers, whose forward is known.
-    Augmented assignments are recorded as such (``augmented_assign``)."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return not (type(module) is nn.Sequential and not has_hooks(module))
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _AugmentedAssignProxy(node, self)
-
-
-def is_noop(module: nn.Module) -> bool:
-    """Modules that return their input in both modes."""
-    if has_hooks(module):
-        return False
-    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0.0)
-
-
-def is_relu_node(node: fx.Node, block: nn.Module) -> bool:
-    if node.op == "call_module":
-        module = block.get_submodule(node.target)
-        return type(module) is nn.ReLU and not has_hooks(module)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
-    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+_FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm)
 
 
 def add_operands(node: fx.Node) -> tuple | None:
@@ -106,15 +49,14 @@ def _is_in_place_add(node: fx.Node) -> bool:
     )
 
 
-def _may_mutate(node: fx.Node, block: nn.Module, verdicts: dict) -> bool:
+def _may_mutate(node: fx.Node, block: nn.Module, traces: Traces) -> bool:
     """Whether ``node`` may write into a tensor it is given: augmented assignments, ``*_``
     methods and functions, mutating aten overloads, ``out=`` and ``inplace=True`` calls, item
-    assignment, and module calls that are not known to be free of all of these. ``verdicts``
-    caches ``_writes_nothing`` by module for one pass."""
+    assignment, and module calls that are not known to be free of all of these."""
     if node.kwargs.get("inplace") or "out" in node.kwargs:
         return True
     if node.op == "call_module":
-        return not _writes_nothing(block.get_submodule(node.target), verdicts)
+        return not _writes_nothing(block.get_submodule(node.target), traces)
     if node.op == "call_method":
         return node.target.endswith("_")
     if node.op == "call_function":
@@ -125,10 +67,12 @@ def _may_mutate(node: fx.Node, block: nn.Module, verdicts: dict) -> bool:
     return False
 
 
-def _writes_nothing(module: nn.Module, verdicts: dict) -> bool:
+def _writes_nothing(module: nn.Module, traces: Traces) -> bool:
     """Whether calling ``module`` cannot write into its inputs: the fused modules, torch.nn's own
     modules without an ``inplace=True`` part, and any other module whose forward, traced in both
-    modes, has no node that may write (hooks, or a forward fx cannot trace, count as writing)."""
+    modes, has no node that may write (hooks, or a forward fx cannot trace, count as writing).
+    Decided once per module per conversion (``traces.verdicts``)."""
+    verdicts = traces.verdicts
     if id(module) in verdicts:
         return verdicts[id(module)]
     verdicts[id(module)] = False  # while deciding: a module that reaches itself writes
@@ -137,11 +81,11 @@ def _writes_nothing(module: nn.Module, verdicts: dict) -> bool:
     elif isinstance(module, (FusedConv2d, FoldedBatchNorm2d, FoldedSyncBatchNorm)):
         verdict = True
     elif type(module).__module__.startswith("torch.nn."):
-        verdict = all(_writes_nothing(m, verdicts) for m in module.children())
+        verdict = all(_writes_nothing(m, traces) for m in module.children())
     else:
-        graphs = [trace_in_mode(module, mode) for mode in (False, True)]
+        graphs = traces.of(module)
         verdict = None not in graphs and not any(
-            _may_mutate(node, module, verdicts) for graph in graphs for node in graph.nodes)
+            _may_mutate(node, module, traces) for graph in graphs for node in graph.nodes)
     verdicts[id(module)] = verdict
     return verdict
 
@@ -156,10 +100,6 @@ def _depends_on(node, target: fx.Node) -> bool:
             seen.add(current)
             stack.extend(current.all_input_nodes)
     return False
-
-
-def single_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def _fused_conv_feeding(node: fx.Node, block: nn.Module) -> fx.Node | None:
@@ -181,7 +121,7 @@ def _fused_conv_feeding(node: fx.Node, block: nn.Module) -> fx.Node | None:
     return None
 
 
-def _mutation_between(conv_node: fx.Node, operand: fx.Node, add_node: fx.Node, block: nn.Module, verdicts: dict) -> bool:
+def _mutation_between(conv_node: fx.Node, operand: fx.Node, add_node: fx.Node, block: nn.Module, traces: Traces) -> bool:
     """Whether anything between the conv and the add (other than the BN/no-op chain from one to
     the other) may write into a tensor: the fused call runs where the add was, so the conv would
     read its input after such a write where the original read it before."""
@@ -191,13 +131,13 @@ def _mutation_between(conv_node: fx.Node, operand: fx.Node, add_node: fx.Node, b
         node = node.args[0]
     node = conv_node.next
     while node is not add_node:
-        if node.op == "root" or (node not in chain and _may_mutate(node, block, verdicts)):
+        if node.op == "root" or (node not in chain and _may_mutate(node, block, traces)):
             return True  # (past the graph's end: the add is not after the conv)
         node = node.next
     return False
 
 
-def candidates(block: nn.Module, graph: fx.Graph):
+def candidates(block: nn.Module, graph: fx.Graph, traces: Traces):
     """Each ``relu(add(a, b))`` in ``graph`` (a trace of ``block``) where a fused conv (through
     its BN and no-ops) feeds an operand: ``(relu, add, operand, conv, other, in_place, why_not)``,
     ``why_not`` None when the add + ReLU can ride in that conv's epilogue, else the reason."""
@@ -205,7 +145,6 @@ def candidates(block: nn.Module, graph: fx.Graph):
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    verdicts: dict[int, bool] = {}
     for relu_node in list(graph.nodes):
         if not is_relu_node(relu_node, block) or not isinstance(relu_node.args[0], fx.Node):
             continue
@@ -228,18 +167,18 @@ def candidates(block: nn.Module, graph: fx.Graph):
                 why_not = "the conv is called more than once"
             elif not isinstance(other, fx.Node) or _depends_on(other, conv_node):
                 why_not = "the other operand is a constant or depends on the conv's output"
-            elif _mutation_between(conv_node, operand, add_node, block, verdicts):
+            elif _mutation_between(conv_node, operand, add_node, block, traces):
                 why_not = "something between the conv and the add may write in place"
             yield relu_node, add_node, operand, conv_node, other, in_place, why_not
 
 
-def rewrite(block: nn.Module, graph: fx.Graph) -> list[str]:
+def rewrite(block: nn.Module, graph: fx.Graph, traces: Traces) -> list[str]:
     """Fuse every residual pattern in ``graph`` (a trace of ``block``); the fused conv targets.
 
     Sets ``relu`` on each fused conv it rewrites, so it only runs where the rewritten graph
     will be the block's forward."""
     fused, in_place = [], set()
-    for relu_node, add_node, operand, conv_node, other, adds_in_place, why_not in candidates(block, graph):
+    for relu_node, add_node, operand, conv_node, other, adds_in_place, why_not in candidates(block, graph, traces):
         if why_not is not None:
             continue
         with graph.inserting_before(add_node):
@@ -263,76 +202,68 @@ def rewrite(block: nn.Module, graph: fx.Graph) -> list[str]:
     return fused
 
 
-def traced_through(root: nn.Module) -> list[nn.Module]:
-    """The modules whose forward code a trace of ``root`` runs: ``root`` and the plain
-    Sequentials under it (reached through Sequentials only); everything else is a leaf."""
-    out, stack = [], [root]
-    while stack:
-        module = stack.pop()
-        out.append(module)
-        stack.extend(c for c in module.children() if type(c) is nn.Sequential and not has_hooks(c))
-    return out
+def may_hold_residual(module: nn.Module) -> bool:
+    """A module whose own forward may add a residual to a fused conv without a ReLU."""
+    if isinstance(module, (FusedConv2d, FusedBasicBlock, FusedBottleneck)) or type(module) is nn.Sequential:
+        return False
+    return any(isinstance(m, FusedConv2d) and not m.relu for m in module.modules())
 
 
-def leaves(root: nn.Module):
-    """The leaf modules a trace of ``root`` calls (at most)."""
-    for module in traced_through(root):
-        yield from (c for c in module.children() if not (type(c) is nn.Sequential and not has_hooks(c)))
-
-
-def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
-    """fx graph of ``root``'s class forward as it runs in train or eval mode; None if it cannot
-    be traced, or if the forward assigns module attributes (``self.last = y``, ``self.calls +=
-    1``): generated code would drop those, so the forward is left alone, and what tracing
-    assigned (Proxies) is undone. Only the traced-through modules switch mode (leaves do not run
-    while tracing)."""
-    traced = traced_through(root)
-    modes = [m.training for m in traced]
-    before = []
-    try:
-        for m in traced:
-            m.training = training
-        before = [_attributes(m) for m in traced]
-        graph = SequentialsTraced().trace(root)
-        return graph if all(_same(_attributes(m), b) for m, b in zip(traced, before)) else None
-    except Exception:  # data-dependent control flow and the like: leave it alone
-        return None
-    finally:
-        for m, attributes in zip(traced, before):
-            if not _same(_attributes(m), attributes):
-                for live, saved in zip((m.__dict__, *(getattr(m, r) for r in _REGISTRIES)), attributes):
-                    live.clear()
-                    live.update(saved)
-        for m, mode in zip(traced, modes):
-            m.training = mode
-
-
-_REGISTRIES = ("_parameters", "_buffers", "_modules")
-
-
-def _attributes(module: nn.Module) -> list[dict]:
-    """Copies of what a forward could assign: the instance's attributes and its registries."""
-    return [dict(module.__dict__), *(dict(getattr(module, r)) for r in _REGISTRIES)]
-
-
-def _same(a: list[dict], b: list[dict]) -> bool:
-    return all(x.keys() == y.keys() and all(x[k] is y[k] for k in x) for x, y in zip(a, b))
-
-
-def _plan(block: nn.Module) -> fx.Graph | None:
-    """The block's rewritten graph, if its forward is traceable, mode-independent and has a
-    residual pattern; ``block``'s fused convs get their ReLU flag set."""
-    graphs = [trace_in_mode(block, mode) for mode in (False, True)]
-    if None in graphs:
-        return None
-    codes = [g.python_code("self").src for g in graphs]
-    if codes[0] != codes[1]:
-        return None
-    graph = graphs[0]
-    if not rewrite(block, graph):
-        return None
+def _plan(block: nn.Module, traces: Traces) -> tuple[fx.Graph | None, list[tuple[str, str]]]:
+    """``(graph, misses)``: the block's rewritten graph, if its forward is traceable,
+    mode-independent and has a residual pattern (``block``'s fused convs get their ReLU flag
+    set), and each fused conv whose add + ReLU stays, with the reason, as the trace of the
+    block's current mode shows them."""
+    graphs = traces.of(block)
+    current = graphs[block.training]
+    misses = [] if current is None else _misses(block, current, traces)
+    if None in graphs or graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        return None, misses
+    graph = copy.deepcopy(graphs[0])  # the shared trace stays as traced
+    if not rewrite(block, graph, traces):
+        return None, misses
     graph.lint()
-    return graph
+    return graph, misses
+
+
+def _misses(block: nn.Module, graph: fx.Graph, traces: Traces) -> list[tuple[str, str]]:
+    """Fused convs without a ReLU whose output meets an add + ReLU that cannot ride in their
+    epilogue: a module between the BatchNorm and the add (an SE module), or a candidate's
+    ``why_not``."""
+    misses = []
+    for node in graph.nodes:
+        if node.op != "call_module" or "residual" in node.kwargs:
+            continue
+        module = block.get_submodule(node.target)
+        if not isinstance(module, FusedConv2d) or module.relu:
+            continue
+        consumer = _past_noops(block, node)
+        if consumer is None or consumer.op != "call_module":
+            continue
+        between = block.get_submodule(consumer.target)
+        if isinstance(between, (FusedConv2d, *_FOLDED)) or not _leads_to_add(consumer):
+            continue
+        misses.append((node.target, f"{type(between).__name__} between the BatchNorm and the residual add"))
+    found = list(candidates(block, graph, traces))
+    # An add fused through one operand's conv is no miss for its other operand's conv.
+    fused_adds = {add_node for _, add_node, *_, why_not in found if why_not is None}
+    misses += [(conv_node.target, why_not) for _, add_node, _, conv_node, _, _, why_not in found
+               if why_not is not None and add_node not in fused_adds]
+    return misses
+
+
+def _past_noops(block: nn.Module, node: fx.Node) -> fx.Node | None:
+    node = single_user(node)
+    while node is not None and node.op == "call_module" and (
+        isinstance(block.get_submodule(node.target), _FOLDED) or is_noop(block.get_submodule(node.target))
+    ):
+        node = single_user(node)
+    return node
+
+
+def _leads_to_add(node: fx.Node) -> bool:
+    user = single_user(node)
+    return user is not None and add_operands(user) is not None
 
 
 class ResidualForward:
@@ -376,22 +307,22 @@ def _trace_for_restore(block: nn.Module) -> fx.Graph:
     for m in flagged:
         m.relu = False
     graph = trace_in_mode(block, block.training)
-    if graph is None or sorted(rewrite(block, graph)) != sorted(n for n, m in block.named_modules() if m in flagged):
+    if graph is None or sorted(rewrite(block, graph, Traces())) != sorted(n for n, m in block.named_modules() if m in flagged):
         for m in flagged:
             m.relu = True
         raise RuntimeError(f"resnet_fused: cannot restore the fused forward of {type(block).__name__}")
     return graph
 
 
-def fuse_residuals(block: nn.Module) -> list[str]:
-    """Replace ``block``'s forward if it has fusible residual patterns; the fused conv names."""
+def fuse_residuals(block: nn.Module, traces: Traces) -> list[tuple[str, str]]:
+    """Replace ``block``'s forward if it has fusible residual patterns; returns the places
+    (conv target, reason) whose add + ReLU stays unfused."""
     if "forward" in block.__dict__:  # already rewritten, or a forward the user set
         return []
-    graph = _plan(block)
-    if graph is None:
-        return []
-    fused = [node.target for node in graph.nodes if node.op == "call_module" and "residual" in node.kwargs]
-    for target in fused:
-        block.get_submodule(target).residual_fused = True
-    block.forward = ResidualForward(block, graph)
-    return fused
+    graph, misses = _plan(block, traces)
+    if graph is not None:
+        fused = [node.target for node in graph.nodes if node.op == "call_module" and "residual" in node.kwargs]
+        for target in fused:
+            block.get_submodule(target).residual_fused = True
+        block.forward = ResidualForward(block, graph)
+    return misses

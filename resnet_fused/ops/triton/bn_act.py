@@ -15,7 +15,7 @@ Layout: every activation is addressed through its strides as a 3-D ``[N, K, L]``
 contiguous NCHW (L stride 1) and channels_last (K stride 1) are such views, so neither is copied:
 the JIT specializes the unit stride and the loads vectorize along it. Only a tensor whose H and
 W cannot merge into one stride (an odd view) is copied by ``flatten``. Outputs are allocated in
-``output_memory_format(y)``: channels_last when y is, contiguous otherwise.
+``shapes.output_memory_format(y)``: channels_last when y is, contiguous otherwise.
 
 All math is fp32 in registers (per-channel inputs of any float dtype are converted on load),
 with correctly rounded sqrt and division. Reductions are deterministic: each program writes its
@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from resnet_fused.ops.conv_bn_act import _span, output_memory_format
+from .. import fakes
+from ..shapes import empty_like_activation, span
 
 INT32_MAX = 2**31 - 1
 
@@ -313,16 +314,12 @@ def _nkl(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2)
 
 
-def _empty_like_y(y: torch.Tensor) -> torch.Tensor:
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=output_memory_format(y))
-
-
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
 def _use_int64(*tensors) -> bool:
-    return max(_span(t) for t in tensors) > INT32_MAX
+    return max(span(t) for t in tensors) > INT32_MAX
 
 
 def _device(t: torch.Tensor):
@@ -337,7 +334,7 @@ def _check_dtype(y: torch.Tensor) -> None:
 
 def apply_launch(y, mean, var, gamma, beta, eps, residual, relu, blocks=None):
     _check_dtype(y)
-    out = _empty_like_y(y)
+    out = empty_like_activation(y)
     if out.numel() == 0:
         return out
     n, k, h, w = y.shape
@@ -391,8 +388,8 @@ def backward_reduce_launch(grad_out, out, y, mean, var, eps, relu, blocks=None, 
 def backward_apply_launch(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_xhat, count, training, relu,
                           residual_grad, blocks=None):
     _check_dtype(y)
-    dy = _empty_like_y(y)
-    d_res = _empty_like_y(y) if residual_grad else y.new_empty((0,))
+    dy = empty_like_activation(y)
+    d_res = empty_like_activation(y) if residual_grad else y.new_empty((0,))
     if y.numel() == 0:
         return dy, d_res
     n, k, h, w = y.shape
@@ -435,9 +432,7 @@ def bn_act_apply_triton(
     return apply_launch(y, mean, var, gamma, beta, eps, residual, relu)
 
 
-@bn_act_apply_triton.register_fake
-def _(y, mean, var, gamma, beta, eps, residual, relu):
-    return _empty_like_y(y)
+bn_act_apply_triton.register_fake(fakes.bn_act_apply)
 
 
 @torch.library.custom_op("resnet_fused::bn_act_backward_reduce_triton", mutates_args=())
@@ -454,10 +449,7 @@ def bn_act_backward_reduce_triton(
     return backward_reduce_launch(grad_out, out, y, mean, var, eps, relu)
 
 
-@bn_act_backward_reduce_triton.register_fake
-def _(grad_out, out, y, mean, var, eps, relu):
-    k = y.shape[1]
-    return y.new_empty((k,), dtype=torch.float32), y.new_empty((k,), dtype=torch.float32)
+bn_act_backward_reduce_triton.register_fake(fakes.bn_act_backward_reduce)
 
 
 @torch.library.custom_op("resnet_fused::bn_act_backward_apply_triton", mutates_args=())
@@ -482,9 +474,7 @@ def bn_act_backward_apply_triton(
                                  relu, residual_grad)
 
 
-@bn_act_backward_apply_triton.register_fake
-def _(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_xhat, count, training, relu, residual_grad):
-    return _empty_like_y(y), _empty_like_y(y) if residual_grad else y.new_empty((0,))
+bn_act_backward_apply_triton.register_fake(fakes.bn_act_backward_apply)
 
 
 @torch.library.custom_op("resnet_fused::bn_update_running_stats_triton_", mutates_args=("running_mean", "running_var"))
@@ -511,6 +501,4 @@ def bn_update_running_stats_triton_(
         )
 
 
-@bn_update_running_stats_triton_.register_fake
-def _(running_mean, running_var, mean, var, count, momentum):
-    return None
+bn_update_running_stats_triton_.register_fake(fakes.bn_update_running_stats_)

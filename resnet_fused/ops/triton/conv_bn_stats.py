@@ -1,7 +1,7 @@
 """Triton ``conv_bn_stats``: the training-mode convolution, with BatchNorm batch statistics.
 
 ``y = conv2d(x, weight, groups) + bias``, written once in x's dtype and
-``output_memory_format(x)``, together with the per-output-channel mean and *biased* variance
+``shapes.output_memory_format(x)``, together with the per-output-channel mean and *biased* variance
 of y over (N, H, W) in fp32: ``reference.bn_stats(y)``, the first kernel of a fused training
 unit (``bn_act`` then normalizes with these statistics).
 
@@ -47,8 +47,10 @@ import torch
 import triton
 import triton.language as tl
 
-from resnet_fused.ops import conv_bn_act as _conv
-from resnet_fused.ops.implicit_gemm import implicit_gemm_tile, tile_coordinates
+from .. import fakes
+from ..shapes import empty_output, span
+from . import conv_bn_act as _conv
+from .implicit_gemm import implicit_gemm_tile, tile_coordinates
 
 INT32_MAX = 2**31 - 1
 
@@ -223,7 +225,7 @@ def conv_bn_stats_triton(
 
 def launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32, config: triton.Config | None = None):
     """The op's body. ``config`` bypasses the autotuner (tests run every config this way)."""
-    y = _conv.empty_output(x, weight, stride, padding, dilation)
+    y = empty_output(x, weight, stride, padding, dilation)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     _, _, p, q = y.shape
@@ -240,7 +242,7 @@ def launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32, confi
     tiles = triton.cdiv(m, min_block_m([config] if config is not None else conv_bn_stats_fwd_kernel.configs))
     partials = _empty_partials(tiles, k, x.device)
     tile_rows = torch.empty((1,), dtype=torch.int32, device=x.device)
-    use_int64 = max(_conv._span(t) for t in (x_cl, weight_cl, y_cl, partials)) > INT32_MAX
+    use_int64 = max(span(t) for t in (x_cl, weight_cl, y_cl, partials)) > INT32_MAX
     tile_c, tile_k, tiles_per_group = _conv.group_grid(c, k, groups)
     args = (
         x_cl, weight_cl, bias.contiguous() if bias is not None else mean, y_cl, *partials, tile_rows,
@@ -273,8 +275,4 @@ def launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32, confi
     return y, mean, var
 
 
-@conv_bn_stats_triton.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
-    k = weight.shape[0]
-    y = _conv.empty_output(x, weight, stride, padding, dilation)
-    return y, x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.float32)
+conv_bn_stats_triton.register_fake(fakes.conv_bn_stats)

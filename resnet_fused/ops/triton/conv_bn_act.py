@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from resnet_fused.ops.implicit_gemm import group_tile, implicit_gemm_tile
+from .. import fakes
+from ..shapes import empty_output, span
+from .implicit_gemm import group_tile, implicit_gemm_tile
 
 INT32_MAX = 2**31 - 1
 
@@ -198,31 +200,6 @@ conv_bn_act_fwd_kernel = triton.autotune(
 )(_conv_bn_act_fwd_kernel)
 
 
-def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last in gives channels_last out, as PyTorch's own conv does."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def empty_output(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-    n, _, h, w = x.shape
-    k, _, r, s = weight.shape
-    p = output_size(h, r, stride[0], padding[0], dilation[0])
-    q = output_size(w, s, stride[1], padding[1], dilation[1])
-    return torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-
-
-def _span(t: torch.Tensor) -> int:
-    """1 + the largest element offset ``t`` addresses: its strides, not its numel, decide
-    whether 32-bit offsets suffice (a small view can reach far into a large buffer)."""
-    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-
-
 @torch.library.custom_op("resnet_fused::conv_bn_act_triton", mutates_args=())
 def conv_bn_act_triton(
     x: torch.Tensor,
@@ -272,7 +249,7 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
     k, _, r, s = weight.shape
     _, _, p, q = out.shape
     res_arg = res_cl if res_cl is not None else out_cl
-    use_int64 = max(_span(t) for t in (x_cl, weight_cl, res_arg, out_cl)) > INT32_MAX
+    use_int64 = max(span(t) for t in (x_cl, weight_cl, res_arg, out_cl)) > INT32_MAX
     tile_c, tile_k, tiles_per_group = group_grid(c, k, groups)
     args = (
         x_cl, weight_cl, *per_channel, running_mean.contiguous(), running_var.contiguous(), res_arg, out_cl,
@@ -306,7 +283,4 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
     return out
 
 
-@conv_bn_act_triton.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding, dilation, groups,
-      relu, allow_tf32):
-    return empty_output(x, weight, stride, padding, dilation)
+conv_bn_act_triton.register_fake(fakes.conv_bn_act)

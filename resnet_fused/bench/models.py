@@ -23,7 +23,7 @@ is measured in the same run: a large matmul in the run's dtype (FLOP/s) and a la
 (bytes/s), so "% of peak" compares like with like on this machine.
 
 ``run_bench`` (what ``resnet-fused bench`` calls) adds the MAC count, the peaks and, with
-``per_layer``, the per-conv table of ``bench_layers.py``.
+``per_layer``, the per-conv table of ``layers.py``.
 """
 
 from __future__ import annotations
@@ -40,14 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import available_backends, convert
+from .. import backends as backend_registry
+from .. import convert
+from .timing import Peaks, Progress, fused_backends_for, measure_peaks, spread, synchronize, tf32_matmuls, time_rounds
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FUSED_BACKENDS = ("triton", "cuda", "cpu")
 TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet")
-
-Progress = Callable[[int, int, str], None]  # (done, total, what is running now)
-
 
 class BenchError(ValueError):
     """A request that cannot run here; the CLI prints it as one line and exits with status 2."""
@@ -68,20 +66,12 @@ class Result:
 
 
 @dataclass
-class Peaks:
-    flops: float  # FLOP/s of a large matmul in the run's dtype
-    bytes: float  # bytes/s of a large copy (read + write)
-    matmul_n: int
-    copy_mb: float
-
-
-@dataclass
 class Report:
     setting: dict
     peaks: Peaks | None
     results: list[Result]
     macs_per_image: float | None = None
-    layers: list = field(default_factory=list)  # bench_layers.LayerResult
+    layers: list = field(default_factory=list)  # layers.LayerResult
     notes: list[str] = field(default_factory=list)
 
 
@@ -110,7 +100,7 @@ PAPER = "paper:"
 def paper_names() -> list[str]:
     """``paper:<name>`` for the networks of He et al. in ``resnet_fused.models`` (when present)."""
     try:
-        from . import models
+        from .. import models
     except ImportError:
         return []
     names = [n for n in getattr(models, "__all__", dir(models)) if re.fullmatch(r"(resnet|plain)\d+", n)]
@@ -125,7 +115,7 @@ def build_model(name: str) -> nn.Module:
 
         return torchvision.models.get_model(name)
     if name.startswith(PAPER) and name in paper_names():
-        from . import models
+        from .. import models
 
         return getattr(models, name.removeprefix(PAPER))()
     timm = _timm()
@@ -135,12 +125,6 @@ def build_model(name: str) -> nn.Module:
     paper = f", {PAPER}<name> for the paper's networks" if paper_names() else ""
     raise BenchError(f"unknown model {name!r}; choose one of {', '.join(torchvision_names())}{paper} "
                      f"or a timm model name{extra}")
-
-
-def fused_backends_for(device: torch.device) -> list[str]:
-    """Fused backends that run on ``device`` (interpreted Triton is a test tool, not a path)."""
-    usable = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device.type, ())
-    return [b for b in available_backends() if b in usable]
 
 
 def check_request(device: torch.device, dtype_name: str, mode: str, batch: int, size: int,
@@ -168,8 +152,8 @@ def check_request(device: torch.device, dtype_name: str, mode: str, batch: int, 
         raise BenchError("--dtype bf16: this GPU does not support bfloat16")
     here = fused_backends_for(device)
     for b in backends or []:
-        if b not in FUSED_BACKENDS:
-            raise BenchError(f"unknown backend {b!r}; fused backends are {', '.join(FUSED_BACKENDS)}")
+        if b not in backend_registry.FUSED_BACKENDS:
+            raise BenchError(f"unknown backend {b!r}; fused backends are {', '.join(backend_registry.FUSED_BACKENDS)}")
         if b not in here:
             raise BenchError(f"backend {b!r} is not available for {device.type} here; available: {', '.join(here) or 'none'}")
 
@@ -211,90 +195,6 @@ def count_macs(model: nn.Module, size: int, device: torch.device | None = None) 
     with torch.inference_mode():
         counted(torch.zeros(1, 3, size, size, device=device))
     return float(macs)
-
-
-def measure_peaks(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> Peaks:
-    """The best of several timings of large square matmuls in ``dtype`` (on a CPU two sizes,
-    since the fastest depends on the caches and on AMX) and of a large copy. ``run_bench``
-    measures before and after the variants and keeps the best of both."""
-    gpu = device.type == "cuda"
-    best_flops, best_n = 0.0, 0
-    for n in (8192,) if gpu else (1024, 2048):
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        with _tf32(tf32) if gpu else contextlib.nullcontext():
-            flops = 2 * n**3 / _best_time(lambda a=a, b=b: torch.mm(a, b), device, 10)
-        if flops > best_flops:
-            best_flops, best_n = flops, n
-    elements = (1 << 28) if gpu else (1 << 25)  # 1 GiB / 128 MiB of fp32
-    src = torch.empty(elements, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    copy_s = _best_time(lambda: dst.copy_(src), device, 5)
-    return Peaks(flops=best_flops, bytes=2 * src.numel() * src.element_size() / copy_s, matmul_n=best_n,
-                 copy_mb=src.numel() * src.element_size() / 2**20)
-
-
-def _best_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_rounds(variants: dict[str, Callable[[], object]], device: torch.device, warmup: int, rounds: int,
-                progress: Progress | None = None, done: int = 0, total: int = 0) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``rounds`` interleaved samples each."""
-    for name, fn in variants.items():
-        for _ in range(warmup):
-            fn()
-        done += warmup
-        if progress:
-            progress(done, total, f"warm-up: {name}")
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(rounds):
-        for name, fn in variants.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-            done += 1
-            if progress:
-                progress(done, total, f"round {r + 1}/{rounds}: {name}")
-    return samples
-
-
-def spread(samples: list[float]) -> float:
-    """Half the interquartile range relative to the median (0 for fewer than 2 samples)."""
-    if len(samples) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return (q3 - q1) / 2 / statistics.median(samples)
 
 
 @contextlib.contextmanager
@@ -344,7 +244,7 @@ def bench_model(
     notes = notes if notes is not None else []
     frozen_model = None
     if frozen and not train and not gpu and dtype in (torch.float32, torch.bfloat16):
-        from .freeze import freeze
+        from ..freeze import freeze
 
         # Folded from the weights as given (fp32), before the model is cast to the run's dtype.
         frozen_model = freeze(model.eval(), dtype)
@@ -389,7 +289,7 @@ def bench_model(
         if progress:
             progress(done, total, what)
 
-    with _tf32(tf32) if gpu else contextlib.nullcontext():
+    with tf32_matmuls(tf32) if gpu else contextlib.nullcontext():
         if train:
             classes = _num_outputs(base, x)
             target = torch.randint(0, classes, (batch,), generator=g).to(device)
@@ -562,7 +462,7 @@ def run_bench(
         r.peak_pct = None if r.tflops is None else 100 * r.tflops * 1e12 / peaks.flops
     report = Report(setting, peaks, results, macs_per_image=macs, notes=notes)
     if per_layer:
-        from .bench_layers import bench_layers
+        from .layers import bench_layers
 
         report.layers = bench_layers(build_model(model_name), batch, size, device, dtype, channels_last, mode, peaks,
                                      backends=backends, rounds=max(3, min(rounds, 10)), tf32=tf32, progress=progress)

@@ -20,8 +20,8 @@ amplifies rounding differences, so the curves part at the 1e-2 level within some
 the cause; a third run, unfused with every initial weight moved by one ulp, measures that noise
 as a yardstick.
 
-    python -m resnet_fused.degradation --out benchmarks/results/degradation.png   # a few minutes
-    python -m resnet_fused.degradation --quick --out /tmp/quick.png               # smoke test, seconds
+    python examples/degradation.py --out benchmarks/results/degradation.png   # a few minutes
+    python examples/degradation.py --quick --out /tmp/quick.png               # smoke test, seconds
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import convert
-from .models import cifar_plain, cifar_resnet
+from resnet_fused import convert
+from resnet_fused.models import cifar_plain, cifar_resnet
 
 
 @dataclasses.dataclass
@@ -266,7 +266,7 @@ def report(results: dict[str, History]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, History]:
-    parser = argparse.ArgumentParser(prog="python -m resnet_fused.degradation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="examples/degradation.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, help=f"training epochs (default {Config.epochs})")
     parser.add_argument("--out", default="degradation.png", help="PNG of the training-error curves")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")

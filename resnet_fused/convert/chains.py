@@ -1,0 +1,153 @@
+"""The chain pass: a Conv2d → BatchNorm2d (→ ReLU) chain is fused when the trace of the parent's
+forward (torch.fx, through plain Sequentials, in eval *and* train mode) shows the data flowing
+that way in both: each module called once, the conv's output feeding only the BN and the BN's
+only the ReLU. Every conv the pass looks at and leaves alone gets the reason, which the report
+prints as it is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..nn import FusedConv2d, fuse_conv_bn, has_hooks, is_plain_batch_norm, is_plain_conv
+from .tracing import Traces, is_noop, is_relu_node, leaves, single_user
+
+# conv target → (bn target, relu follows, ReLU module used only here)
+Chain = tuple[str, bool, str | None]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer the report accounts for (torchvision's FrozenBatchNorm2d is no
+    _NormBase)."""
+    return isinstance(module, nn.modules.batchnorm._NormBase) or type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def conv_why_not(conv: nn.Conv2d, shared: set[int]) -> str | None:
+    """Why this conv module can never be fused, whatever its forward does; None if it can."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d (it may compute something else)"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} / padding_mode={conv.padding_mode!r}: only numeric zero padding is fused"
+    if has_hooks(conv):
+        return "has hooks, which a fused op would not call"
+    if id(conv) in shared:
+        return "registered under more than one name"
+    return None
+
+
+def _is_inplace_relu(node: fx.Node, parent: nn.Module) -> bool:
+    if node.op == "call_module":
+        return parent.get_submodule(node.target).inplace
+    if node.op == "call_function":
+        return node.target is torch.relu_ or (node.target is F.relu and bool(node.kwargs.get("inplace", node.args[1:2] == (True,))))
+    return node.target == "relu_"
+
+
+def _name(node: fx.Node, parent: nn.Module) -> str:
+    if node.op == "call_module":
+        return type(parent.get_submodule(node.target)).__name__
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[str, Chain], dict[str, str]]:
+    """``(chains, why_not)`` of one trace of the parent's forward: the chains it shows, and for
+    every other plain conv it calls, why not."""
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+    def called_once(node: fx.Node, plain) -> bool:
+        return (
+            node.op == "call_module"
+            and calls[node.target] == 1
+            and id(parent.get_submodule(node.target)) not in shared
+            and plain(parent.get_submodule(node.target))
+            and len(node.args) == 1
+            and not node.kwargs
+        )
+
+    found, why_not = {}, {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not is_plain_conv(parent.get_submodule(node.target)):
+            continue
+        if not called_once(node, is_plain_conv):
+            why_not[node.target] = f"called {calls[node.target]} times (or with extra arguments) in the forward of " \
+                                   f"{type(parent).__name__}"
+            continue
+        bn_node = single_user(node)
+        if bn_node is None:
+            why_not[node.target] = "its output is used more than once (or not at all)"
+            continue
+        if not called_once(bn_node, is_plain_batch_norm) or bn_node.args[0] is not node:
+            follower = _name(bn_node, parent)
+            is_bn = bn_node.op == "call_module" and is_norm(parent.get_submodule(bn_node.target))
+            why_not[node.target] = (f"followed by {follower}, which is not fused (see its own line)" if is_bn
+                                    else f"followed by {follower}, not a BatchNorm2d")
+            continue
+        if parent.get_submodule(bn_node.target).num_features != parent.get_submodule(node.target).out_channels:
+            why_not[node.target] = "its BatchNorm2d's num_features differ from the conv's out_channels"
+            continue
+        # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the ReLU:
+        # relu(noop(y)) == noop(relu(y)), so the ReLU still folds into the conv.
+        before, relu_node = bn_node, single_user(bn_node)
+        while relu_node is not None and called_once(relu_node, is_noop) and relu_node.args[0] is before:
+            before, relu_node = relu_node, single_user(relu_node)
+        relu = relu_node is not None and relu_node.args[:1] == (before,) and is_relu_node(relu_node, parent)
+        # A ReLU module used only here becomes redundant; a functional or shared ReLU stays,
+        # which is harmless because relu(relu(y)) == relu(y) -- unless it works in place: it
+        # would then overwrite the fused output that autograd keeps for the ReLU mask, so it
+        # is not folded and runs after the fused conv+BN as it ran after the BatchNorm.
+        own_relu = (
+            relu_node.target
+            if relu
+            and relu_node.op == "call_module"
+            and calls[relu_node.target] == 1
+            and id(parent.get_submodule(relu_node.target)) not in shared
+            else None
+        )
+        if relu and own_relu is None and _is_inplace_relu(relu_node, parent):
+            relu = False
+        found[node.target] = (bn_node.target, relu, own_relu)
+    return found, why_not
+
+
+def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Traces) -> dict[str, str]:
+    """Fuse the chains the parent's forward shows in both modes; returns, for each conv module
+    it calls and leaves alone (a target under ``parent``), why."""
+    convs = {name: m for name, m in leaves(parent) if isinstance(m, nn.Conv2d) and not isinstance(m, FusedConv2d)}
+    why_not = {name: reason for name, m in convs.items() if (reason := conv_why_not(m, shared)) is not None}
+    if len(why_not) == len(convs):
+        return why_not  # nothing to trace for
+    # A forward may branch on self.training; a chain must hold in both modes.
+    graphs = traces.of(parent)
+    if None in graphs:
+        untraceable = f"the forward of {type(parent).__name__} cannot be traced by torch.fx, or assigns module attributes"
+        return {**{name: untraceable for name in convs}, **why_not}
+    (eval_chains, eval_why), (train_chains, train_why) = (_chains(parent, g, shared) for g in graphs)
+    # A conv that can never be fused keeps that reason; the others get what the trace of the
+    # parent's current mode shows.
+    why_not = {**(train_why if parent.training else eval_why), **why_not}
+    for conv_name, (bn_name, relu, own_relu) in eval_chains.items():
+        other = train_chains.get(conv_name)
+        if other is None or other[0] != bn_name:
+            why_not.setdefault(conv_name, "its forward feeds it to a BatchNorm in one mode only (train or eval)")
+            continue
+        why_not.pop(conv_name, None)
+        relu = relu and other[1]
+        own_relu = own_relu if relu and own_relu == other[2] else None
+        fused_conv, folded_bn = fuse_conv_bn(parent.get_submodule(conv_name), parent.get_submodule(bn_name), relu, backend)
+        _set_submodule(parent, conv_name, fused_conv)
+        _set_submodule(parent, bn_name, folded_bn)
+        if own_relu is not None:
+            _set_submodule(parent, own_relu, nn.Identity())
+    for conv_name in train_chains.keys() - eval_chains.keys():
+        why_not.setdefault(conv_name, "its forward feeds it to a BatchNorm in one mode only (train or eval)")
+    return why_not
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Put ``module`` in the slot ``target`` names (dotted: inside a traced-through Sequential)."""
+    owner, _, name = target.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, name, module)

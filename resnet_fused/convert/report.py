@@ -1,0 +1,67 @@
+"""What ``convert`` fused, with which backend, and why each place it left alone stayed unfused.
+
+``convert(model, report=True)`` returns ``(model, ConversionReport)``; ``print(report)`` gives a
+one-screen summary. The reasons are the ones the passes gave when they decided (chains.py,
+residual.py); this module counts and formats, it never re-derives a rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedConv2d, has_hooks, is_plain_batch_norm
+from .chains import is_norm
+
+_FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm)
+
+
+@dataclass
+class ConversionReport:
+    backend: str
+    convs_fused: int = 0  # conv + BatchNorm pairs now one op
+    relus_fused: int = 0  # ReLUs applied in a fused conv's epilogue (not counting residual ones)
+    residuals_fused: int = 0  # add + ReLU pairs applied in a fused conv's epilogue
+    unfused: list[tuple[str, str]] = field(default_factory=list)  # (module name, reason)
+
+    def __str__(self) -> str:
+        lines = [
+            f"resnet_fused.convert (backend={self.backend!r}): {self.convs_fused} conv+BatchNorm fused, "
+            f"{self.relus_fused} ReLU fused, {self.residuals_fused} residual add+ReLU fused",
+        ]
+        if self.unfused:
+            # One line per reason (a ResNet repeats its blocks), with a few of the places.
+            by_reason: dict[str, list[str]] = {}
+            for name, reason in self.unfused:
+                by_reason.setdefault(reason, []).append(name)
+            lines.append(f"left as they were ({len(self.unfused)}):")
+            for reason, names in by_reason.items():
+                shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+                lines.append(f"  {reason}: {shown}")
+        else:
+            lines.append("nothing left unfused")
+        return "\n".join(lines)
+
+
+def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
+                 residual_misses: list[tuple[str, str]]) -> ConversionReport:
+    """``conv_reasons``: conv name → why the chain pass left it; ``residual_misses``: (fused
+    conv name, why its add + ReLU stays) from the residual pass."""
+    report = ConversionReport(backend)
+    for name, module in model.named_modules():
+        if isinstance(module, FusedConv2d):
+            report.convs_fused += 1
+            if module.residual_fused:
+                report.residuals_fused += 1
+            elif module.relu:
+                report.relus_fused += 1
+        elif isinstance(module, nn.Conv2d):
+            report.unfused.append((name, conv_reasons.get(name, "not called by any forward convert could trace")))
+        elif is_norm(module) and not isinstance(module, _FOLDED):
+            reason = "not a plain nn.BatchNorm2d (a subclass or another norm may compute something else)"
+            if is_plain_batch_norm(module):
+                reason = "has hooks" if has_hooks(module) else "no conv feeds it directly"
+            report.unfused.append((name, f"{type(module).__name__} {reason}"))
+    report.unfused += [(name, f"{reason}: add + ReLU stay") for name, reason in residual_misses]
+    return report

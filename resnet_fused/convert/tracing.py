@@ -1,0 +1,162 @@
+"""What convert sees of a forward: torch.fx traces with plain ``nn.Sequential`` containers
+traced through and every other module a leaf, in train or eval mode, taken once per module per
+conversion (``Traces``) and shared by the chain, residual and write-freedom passes.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..nn import has_hooks
+
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
+
+_AUGMENTED_OPS = ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+                  "ixor", "ilshift", "irshift")
+
+
+def augmented_assign(op: str, target, value):
+    """``target op= value`` (``op`` an ``operator`` name such as "iadd") as a call: what a traced
+    ``+=``, ``*=``, ... records. Tensors are updated in place and returned; other values (ints
+    from ``x.shape``) give the new value without touching the old one.
+
+    fx's own Proxy has no in-place operators, so ``a += b`` traced as ``a = a + b``: the
+    regenerated forward then allocated and type-promoted where the original updated in place
+    (under autocast a bf16 conv output ``+= x`` of fp32 stays bf16; ``+`` makes fp32), and left
+    tensors the original mutated (the caller's input, views) unchanged. Nor is ``operator.iadd``
+    the recorded target: fx prints it back as ``a += b; iadd = a``, rebinding the name ``a``
+    for every later use of an int it held."""
+    return getattr(operator, op)(target, value)
+
+
+def _recorder(op: str):
+    def record(self, other):
+        return self.tracer.create_proxy("call_function", augmented_assign, (op, self, other), {})
+
+    return record
+
+
+class _AugmentedAssignProxy(fx.Proxy):
+    """A Proxy that records augmented assignments as ``augmented_assign`` calls."""
+
+
+for _op in _AUGMENTED_OPS:
+    setattr(_AugmentedAssignProxy, f"__{_op}__", _recorder(_op))
+
+
+class SequentialsTraced(fx.Tracer):
+    """Leaves: every module but plain ``nn.Sequential`` containers, whose forward is known.
+    Augmented assignments are recorded as such (``augmented_assign``)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return not (type(module) is nn.Sequential and not has_hooks(module))
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AugmentedAssignProxy(node, self)
+
+
+def is_noop(module: nn.Module) -> bool:
+    """Modules that return their input in both modes."""
+    if has_hooks(module):
+        return False
+    return type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0.0)
+
+
+def is_relu_node(node: fx.Node, block: nn.Module) -> bool:
+    if node.op == "call_module":
+        module = block.get_submodule(node.target)
+        return type(module) is nn.ReLU and not has_hooks(module)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+
+def traced_through(root: nn.Module) -> list[nn.Module]:
+    """The modules whose forward code a trace of ``root`` runs: ``root`` and the plain
+    Sequentials under it (reached through Sequentials only); everything else is a leaf."""
+    out, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        out.append(module)
+        stack.extend(c for c in module.children() if type(c) is nn.Sequential and not has_hooks(c))
+    return out
+
+
+def leaves(root: nn.Module):
+    """``(target, module)`` of the leaf modules a trace of ``root`` may call, targets dotted
+    through the traced-through Sequentials."""
+    stack = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, child in module.named_children():
+            if type(child) is nn.Sequential and not has_hooks(child):
+                stack.append((f"{prefix}{name}.", child))
+            else:
+                yield f"{prefix}{name}", child
+
+
+def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
+    """fx graph of ``root``'s class forward as it runs in train or eval mode; None if it cannot
+    be traced, or if the forward assigns module attributes (``self.last = y``, ``self.calls +=
+    1``): generated code would drop those, so the forward is left alone, and what tracing
+    assigned (Proxies) is undone. Only the traced-through modules switch mode (leaves do not run
+    while tracing)."""
+    traced = traced_through(root)
+    modes = [m.training for m in traced]
+    before = []
+    try:
+        for m in traced:
+            m.training = training
+        before = [_attributes(m) for m in traced]
+        graph = SequentialsTraced().trace(root)
+        return graph if all(_same(_attributes(m), b) for m, b in zip(traced, before)) else None
+    except Exception:  # data-dependent control flow and the like: leave it alone
+        return None
+    finally:
+        for m, attributes in zip(traced, before):
+            if not _same(_attributes(m), attributes):
+                for live, saved in zip((m.__dict__, *(getattr(m, r) for r in _REGISTRIES)), attributes):
+                    live.clear()
+                    live.update(saved)
+        for m, mode in zip(traced, modes):
+            m.training = mode
+
+
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(module: nn.Module) -> list[dict]:
+    """Copies of what a forward could assign: the instance's attributes and its registries."""
+    return [dict(module.__dict__), *(dict(getattr(module, r)) for r in _REGISTRIES)]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return all(x.keys() == y.keys() and all(x[k] is y[k] for k in x) for x, y in zip(a, b))
+
+
+class Traces:
+    """One conversion's traces: ``of(module)`` is ``(eval graph, train graph)``, each None where
+    ``trace_in_mode`` gives none, taken on first request. The graphs name modules by their
+    slots, so a trace taken before a pass swaps fused modules into those slots still describes
+    the forward after it; a pass that rewrites a graph rewrites a copy."""
+
+    def __init__(self):
+        self._graphs: dict[int, tuple] = {}
+        self._keep: list[nn.Module] = []  # ids stay unique while the conversion runs
+        self.verdicts: dict[int, bool] = {}  # residual._writes_nothing, by module id
+
+    def of(self, module: nn.Module) -> tuple[fx.Graph | None, fx.Graph | None]:
+        if id(module) not in self._graphs:
+            self._graphs[id(module)] = (trace_in_mode(module, False), trace_in_mode(module, True))
+            self._keep.append(module)
+        return self._graphs[id(module)]
