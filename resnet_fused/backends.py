@@ -15,21 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _extension
+from . import _extension, guard
 from .ops import extension, reference
+from .ops.kernels import Kernels
 from .ops import triton as triton_ops
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """One backend's implementation of the training unit's pieces (semantics: ops/reference.py)."""
-
-    # (x, weight, bias, stride, padding, dilation, groups, allow_tf32) -> (y, mean, var)
-    conv_stats: Callable
-    apply: Callable  # reference.bn_act_apply
-    backward_reduce: Callable  # reference.bn_act_backward_reduce
-    backward_apply: Callable  # reference.bn_act_backward_apply
-    update_running_stats: Callable  # reference.update_running_stats (in place)
 
 
 @dataclass(frozen=True)
@@ -44,6 +33,9 @@ class Backend:
     kernels: Callable[[], Kernels]  # the training unit's pieces (training.py)
     # The unfused PyTorch ops: the oracle and the fallback, not a fused path.
     is_reference: bool = False
+    # Whether the runtime guard (guard.py) checks each new kind of call against the reference
+    # when RESNET_FUSED_VERIFY is unset: for kernels that may meet chips never tested.
+    verify_by_default: bool = False
 
 
 def triton_interpreting() -> bool:
@@ -57,13 +49,13 @@ REGISTRY: dict[str, Backend] = {
             "triton",
             lambda device: device.type == "cuda" or (device.type == "cpu" and triton_interpreting()),
             "Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors)",
-            triton_ops.inference, triton_ops.kernels,
+            triton_ops.inference, triton_ops.kernels, verify_by_default=True,
         ),
         Backend(
             "cuda",
             lambda device: device.type == "cuda" and _extension.has_cuda_ops(),
             "it needs a CUDA tensor and the extension built with CUDA",
-            extension.inference, extension.kernels,
+            extension.inference, extension.kernels, verify_by_default=True,
         ),
         Backend(
             "cpu",
@@ -75,13 +67,28 @@ REGISTRY: dict[str, Backend] = {
     )
 }
 
+# name -> (record, the record under the guard), made here so that torch.compile, tracing
+# get(), finds them made.
+_guarded: dict[str, tuple[Backend, Backend]] = {
+    name: (record, guard.guard_backend(record, REGISTRY["reference"])) for name, record in REGISTRY.items()
+    if not record.is_reference
+}
+
 BACKENDS = tuple(REGISTRY)  # fastest first
 FUSED_BACKENDS = tuple(name for name, backend in REGISTRY.items() if not backend.is_reference)
 
 
 def get(name: str) -> Backend:
+    """The record of backend ``name`` as callers run it: its inference op and training kernels
+    under the runtime guard (guard.py), which decides per call whether to verify."""
     check_backend_name(name)
-    return REGISTRY[name]
+    record = REGISTRY[name]
+    if record.is_reference:
+        return record
+    guarded = _guarded.get(name)
+    if guarded is None or guarded[0] is not record:  # a record replaced since (tests)
+        guarded = _guarded[name] = (record, guard.guard_backend(record, REGISTRY["reference"]))
+    return guarded[1]
 
 
 def available_backends() -> list[str]:

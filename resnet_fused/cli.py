@@ -1,10 +1,11 @@
-"""The ``resnet-fused`` console script: ``info`` and ``bench``.
+"""The ``resnet-fused`` console script: ``info``, ``bench`` and ``verify``.
 
 ``bench`` compares, on this machine's device and in one process, the unfused model (eager NCHW
 and channels_last), torch.compile, each fused backend and (CPU inference) the frozen model; see
 ``resnet_fused/bench/models.py`` for what each variant is and how it is timed. A request that cannot
 run here (unknown model, a backend or dtype the device lacks, batch < 1) gets a one-line error
-and exit status 2.
+and exit status 2. ``verify`` checks every fused backend here against the reference over the
+ResNet-50 conv units (bench/verify.py) and exits with status 1 on any failure.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -114,8 +116,8 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    print(f"resnet-fused bench: error: {message}", file=sys.stderr)
+def _fail(message: str, command: str = "bench") -> int:
+    print(f"resnet-fused {command}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -254,6 +256,43 @@ def write_plot(report, path: Path) -> None:
     plt.close(fig)
 
 
+def verify(args: argparse.Namespace) -> int:
+    if args.interpret:
+        # Before anything imports Triton: its interpreter is chosen at import.
+        os.environ["TRITON_INTERPRET"] = "1"
+    from .bench.verify import DTYPES, run_verify
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    dtypes = args.dtype.split(",") if args.dtype else (["fp16", "bf16", "fp32"] if gpu else ["fp32", "bf16"])
+    if unknown := [d for d in dtypes if d not in DTYPES]:
+        return _fail(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}", "verify")
+    if args.reps < 1:
+        return _fail("--reps must be >= 1", "verify")
+    names = [n for item in args.backend for n in item.split(",")] if args.backend else None
+    batch, size = args.batch or (8 if gpu else 2), args.size or (224 if gpu else 64)
+
+    def show(check):
+        verdict = "SKIP" if check.skipped else "PASS" if check.ok else "FAIL"
+        print(f"{verdict}  {check.backend:<7} {check.dtype:<5} {check.mode:<5} {check.unit:<40} "
+              f"ratio {check.ratio:6.2f}  fused {check.fused_ms:8.3f} ms  unfused {check.unfused_ms:8.3f} ms"
+              + (f"  {check.detail}" if not check.ok or check.skipped else ""), flush=True)
+
+    print(f"resnet-fused verify: {device}, batch {batch}, {size}x{size}, dtypes {', '.join(dtypes)} "
+          f"(ratio: fused error / allowed error, pass <= 1)")
+    try:
+        checks = run_verify(device, dtypes, names, batch, size, reps=args.reps, progress=show)
+    except ValueError as error:
+        return _fail(str(error), "verify")
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" + (f"; {len(failed)} FAILED" if failed else ""))
+    if args.csv:
+        _write_rows(Path(args.csv), [dataclasses.asdict(c) for c in checks])
+    if not checks:
+        return _fail(f"no fused backend runs on {device} here", "verify")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="resnet-fused", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -287,9 +326,24 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--csv", metavar="PATH", help="also write the results as CSV (per-layer rows: PATH's stem + '-layers.csv')")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--plot", metavar="PNG", help="also draw speedups (and per-layer times vs floor); needs matplotlib")
+    v = commands.add_parser(
+        "verify", help="every fused backend here against the reference over ResNet-50's conv units (exit 1 on failure)",
+        description="For each fused backend, dtype and distinct ResNet-50 conv unit: the eval op and the training unit "
+                    "(forward + backward) against float64, by the rule fused error <= 2x unfused error; with the "
+                    "fused and unfused times. Defaults: GPU batch 8, 224px, fp16/bf16/fp32; CPU batch 2, 64px, fp32/bf16.")
+    v.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    v.add_argument("--backend", action="append", metavar="NAME", help="backend(s) to check (default: the fused ones here)")
+    v.add_argument("--dtype", help="comma-separated: fp32, fp16, bf16")
+    v.add_argument("--batch", type=int)
+    v.add_argument("--size", type=int, help="image side")
+    v.add_argument("--reps", type=int, default=3, help="timed calls per check (median; default 3)")
+    v.add_argument("--interpret", action="store_true", help="run Triton under its interpreter (CPU; with --backend triton)")
+    v.add_argument("--csv", metavar="PATH", help="also write every check as CSV")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "verify":
+        return verify(args)
     if args.rounds is not None and args.rounds < 1:
         return _fail("--rounds must be >= 1")
     if args.warmup is not None and args.warmup < 0:

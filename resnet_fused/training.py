@@ -24,7 +24,7 @@ then the convolution's input, weight and bias gradients from dy (ATen's
 ``convolution_backward``). x̂ is recomputed from y, never stored. Work whose gradient nobody
 needs is skipped (the reduction pass, the residual gradient, the conv gradients).
 
-Each backend supplies the same five kernels (``backends.Kernels``, from its registry record):
+Each backend supplies the same five kernels (``ops.kernels.Kernels``, from its registry record):
 C++ ops for ``cpu``/``cuda`` (ops/extension.py over csrc/*/bn_act.*), Triton ops for
 ``triton`` (ops/triton/conv_bn_stats.py, ops/triton/bn_act.py), and the plain-torch
 specification in ops/reference.py for ``reference``.
@@ -36,10 +36,11 @@ import torch
 
 from . import backends
 from .ops import aten, fakes
+from .ops.kernels import Kernels
 from .ops.shapes import acc_dtype, output_memory_format
 
 
-def kernels(backend: str) -> backends.Kernels:
+def kernels(backend: str) -> Kernels:
     return backends.get(backend).kernels()
 
 

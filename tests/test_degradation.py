@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 # The demo is an example script, not part of the package: loaded from its file. scikit-learn and
@@ -11,6 +12,7 @@ from pathlib import Path
 _SPEC = importlib.util.spec_from_file_location(
     "degradation", Path(__file__).resolve().parents[1] / "examples" / "degradation.py")
 degradation = importlib.util.module_from_spec(_SPEC)
+sys.modules["degradation"] = degradation  # dataclasses look their module up there
 _SPEC.loader.exec_module(degradation)
 
 

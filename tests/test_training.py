@@ -18,7 +18,8 @@ from helpers import (
     TextbookBlock, assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms,
     textbook_resnet,
 )
-from resnet_fused import FusedConv2d, functional, reference
+from resnet_fused import FusedConv2d, functional
+from resnet_fused.ops import reference
 from resnet_fused.training import conv_bn_act_train
 
 FUSED = ["cpu", "triton"]  # triton runs under the interpreter here

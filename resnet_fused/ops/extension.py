@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import aten
+from .kernels import Kernels
 
 
 def inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding,
@@ -16,8 +17,6 @@ def inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, ep
 
 
 def kernels():
-    from ..backends import Kernels
-
     ops = torch.ops.resnet_fused
 
     def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):

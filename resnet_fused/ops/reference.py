@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import aten
+from .kernels import Kernels
 from .shapes import acc_dtype
 
 
@@ -153,8 +154,6 @@ def _masked_grad(grad_out, out, relu: bool):
 
 def kernels():
     """The ``reference`` backend's training kernels: ATen's convolution, these pieces."""
-    from ..backends import Kernels
-
     def conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32):
         y = aten.convolution(x, weight, bias, stride, padding, dilation, groups)
         return (y, *bn_stats(y))

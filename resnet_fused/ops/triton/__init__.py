@@ -8,6 +8,8 @@ C++ backends never import Triton."""
 
 from __future__ import annotations
 
+from ..kernels import Kernels
+
 
 def inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding,
               dilation, groups, relu, allow_tf32):
@@ -18,7 +20,6 @@ def inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, ep
 
 
 def kernels():
-    from ...backends import Kernels
     from .bn_act import (bn_act_apply_triton, bn_act_backward_apply_triton, bn_act_backward_reduce_triton,
                          bn_update_running_stats_triton_)
     from .conv_bn_stats import conv_bn_stats_triton

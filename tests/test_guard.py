@@ -1,0 +1,152 @@
+"""The runtime guard (guard.py) on the CPU: a kernel that answers wrong, or raises, is caught on
+its first call of a kind, the model's answer stays right, and the warning comes once."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_fused
+from helpers import assert_grads_close, max_rel_error, randomize_batch_norms
+from resnet_fused import backends, guard
+from resnet_fused.ops import reference
+
+
+@pytest.fixture(autouse=True)
+def _fresh_verdicts():
+    guard.reset()
+    yield
+    guard.reset()
+
+
+def _net() -> nn.Module:
+    return randomize_batch_norms(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5),
+    ))
+
+
+def _broken(monkeypatch, **pieces) -> dict[str, int]:
+    """A backend 'broken' (the reference's kernels, with ``pieces`` replaced) that the guard
+    verifies by default, as a GPU backend; counts the calls of each replaced piece."""
+    calls = {name: 0 for name in pieces}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    base = backends.REGISTRY["reference"]
+    inference = counted("inference", pieces.pop("inference")) if "inference" in pieces else base.inference
+
+    def kernels():
+        k = base.kernels()
+        return dataclasses.replace(k, **{name: counted(name, fn) for name, fn in pieces.items()})
+
+    record = backends.Backend("broken", lambda d: d.type == "cpu", "", inference, kernels, verify_by_default=True)
+    monkeypatch.setattr(backends, "REGISTRY", {**backends.REGISTRY, "broken": record})
+    return calls
+
+
+def _wrong_inference(*args):
+    return reference.inference(*args) * 1.01  # a 1% error: far beyond the rule
+
+
+def _raising_inference(*args):
+    raise RuntimeError("no kernel image is available for execution on the device")
+
+
+@pytest.mark.parametrize("bad", [_wrong_inference, _raising_inference], ids=["wrong", "raises"])
+def test_a_bad_inference_kernel_is_caught_once_and_the_model_stays_right(monkeypatch, bad):
+    monkeypatch.delenv("RESNET_FUSED_VERIFY", raising=False)
+    calls = _broken(monkeypatch, inference=bad)
+    model = _net().eval()
+    converted = resnet_fused.convert(model, backend="broken")
+    x = torch.randn(2, 3, 9, 7)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert max_rel_error(converted(x), model(x)) < 1e-5
+    mismatches = [w for w in caught if issubclass(w.category, guard.FusedKernelMismatch)]
+    # Two conv units, two keys: one warning each, then the bad kernel is never called again.
+    assert len(mismatches) == 2, [str(w.message) for w in caught]
+    assert "broken kernel conv_bn_act" in str(mismatches[0].message)
+    assert calls["inference"] == 2
+
+
+def test_a_bad_training_kernel_is_caught_and_training_stays_right(monkeypatch):
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "first")
+
+    def wrong_apply(y, mean, var, gamma, beta, eps, residual, relu):
+        return reference.bn_act_apply(y, mean, var, gamma, beta, eps, residual, relu) + 0.1
+
+    def wrong_update(running_mean, running_var, mean, var, count, momentum):
+        reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        running_var.mul_(2)
+
+    _broken(monkeypatch, apply=wrong_apply, update_running_stats=wrong_update)
+    model = _net().train()
+    converted = resnet_fused.convert(model, backend="broken").train()
+    x = torch.randn(4, 3, 6, 5)
+    with pytest.warns(guard.FusedKernelMismatch, match="broken kernel (apply|update_running_stats)"):
+        out = converted(x)
+    expected = model(x)
+    assert max_rel_error(out, expected) < 1e-5
+    weights = torch.randn_like(out)  # a plain sum through train-mode BatchNorm has zero gradient
+    (out * weights).sum().backward(), (expected * weights).sum().backward()
+    assert_grads_close([p.grad for p in converted.parameters()], [p.grad for p in model.parameters()], 1e-4)
+    for a, b in zip(converted.buffers(), model.buffers()):
+        torch.testing.assert_close(a, b, msg="running statistics must take the reference's update")
+
+
+def test_verified_kernels_run_alone_after_the_first_call_and_always_checks_every_call(monkeypatch):
+    seen = []
+
+    def spy(*args):
+        seen.append(1)
+        return reference.inference(*args)
+
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "first")
+    _broken(monkeypatch, inference=spy)
+    reference_calls = []
+    original = backends.REGISTRY["reference"]
+    monkeypatch.setitem(backends.REGISTRY, "reference", dataclasses.replace(
+        original, inference=lambda *a: reference_calls.append(1) or original.inference(*a)))
+    converted = resnet_fused.convert(randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval(),
+                                     backend="broken")
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        for _ in range(3):
+            converted(x)
+    assert (len(seen), len(reference_calls)) == (3, 2)  # unfused + float64, once
+    guard.reset()
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "always")
+    with torch.no_grad():
+        converted(x), converted(x)
+    assert len(reference_calls) == 6
+
+
+def test_off_by_default_for_cpu_and_a_clear_error_for_a_bad_setting(monkeypatch):
+    monkeypatch.delenv("RESNET_FUSED_VERIFY", raising=False)
+    assert guard.mode(backends.REGISTRY["cpu"].verify_by_default) == "off"
+    assert guard.mode(backends.REGISTRY["triton"].verify_by_default) == "first"
+    assert guard.mode(backends.REGISTRY["cuda"].verify_by_default) == "first"
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "sometimes")
+    with pytest.raises(ValueError, match="RESNET_FUSED_VERIFY='sometimes'"):
+        guard.mode(True)
+
+
+def test_the_rule_fails_nan_and_shape_and_passes_rounding():
+    exact = torch.linspace(-1, 1, 101, dtype=torch.float64)
+    unfused = exact.to(torch.float16)
+    assert guard.compare(unfused.clone(), unfused, exact)[0]
+    nan = unfused.clone()
+    nan[3] = float("nan")
+    assert not guard.compare(nan, unfused, exact)[0]
+    assert not guard.compare(unfused[:100], unfused, exact)[0]
+    assert not guard.compare(unfused * 1.05, unfused, exact)[0]

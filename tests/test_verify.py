@@ -1,0 +1,46 @@
+"""``resnet-fused verify`` on the CPU: every check passes for the cpu backend, a wrong kernel
+fails its checks and the exit status, and the guard does not hide it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from resnet_fused import available_backends, backends, cli
+from resnet_fused.ops import reference
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="needs the compiled extension")
+TINY = ["verify", "--device", "cpu", "--batch", "2", "--size", "16", "--dtype", "fp32", "--reps", "1"]
+
+
+def test_the_cpu_backend_passes_every_resnet50_unit(capsys, tmp_path):
+    status = cli.main([*TINY, "--csv", str(tmp_path / "verify.csv")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    lines = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))]
+    # ResNet-50's distinct conv units, each as the eval op and as the training unit.
+    assert len(lines) >= 2 * 20 and all(line.startswith("PASS") for line in lines), out
+    assert {"eval", "train"} <= {line.split()[3] for line in lines}
+    assert "checks passed" in out and (tmp_path / "verify.csv").read_text().count("\n") == len(lines) + 1
+
+
+def test_a_wrong_kernel_fails_the_run_even_with_the_guard_on(monkeypatch, capsys):
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "first")  # verify turns it off: a fallback would hide the bug
+    record = backends.REGISTRY["cpu"]
+    wrong = dataclasses.replace(record, inference=lambda *args: reference.inference(*args) + 1e-3)
+    monkeypatch.setitem(backends.REGISTRY, "cpu", wrong)
+    status = cli.main(TINY)
+    out = capsys.readouterr().out
+    assert status == 1
+    fails = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert fails and all(" eval " in line for line in fails), out
+    assert "FAILED" in out
+
+
+def test_bad_requests_are_one_line_errors(capsys):
+    assert cli.main(["verify", "--dtype", "fp8"]) == 2
+    assert "unknown dtype 'fp8'" in capsys.readouterr().err
+    assert cli.main(["verify", "--device", "cpu", "--backend", "cuda"]) == 2
+    assert "backend 'cuda' cannot run on cpu" in capsys.readouterr().err
