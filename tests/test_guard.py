@@ -150,3 +150,20 @@ def test_the_rule_fails_nan_and_shape_and_passes_rounding():
     assert not guard.compare(nan, unfused, exact)[0]
     assert not guard.compare(unfused[:100], unfused, exact)[0]
     assert not guard.compare(unfused * 1.05, unfused, exact)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_real_triton_kernels_pass_their_first_check_without_a_warning(monkeypatch, dtype):
+    """The rule is not so tight that a correct kernel falls back: the interpreted Triton kernels,
+    eval and a training step (every piece of the unit), under the default policy."""
+    monkeypatch.delenv("RESNET_FUSED_VERIFY", raising=False)
+    model = _net().to(dtype)
+    converted = resnet_fused.convert(model, backend="triton")
+    x = torch.randn(2, 3, 6, 5, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", guard.FusedKernelMismatch)
+        with torch.no_grad():
+            converted.eval()(x)
+        out = converted.train()(x)
+        (out.float() * torch.randn(out.shape)).sum().backward()
+    assert len(guard._verdicts) >= 6 and all(guard._verdicts.values())
