@@ -12,6 +12,7 @@ from torch import nn
 import resnet_fused
 from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms
 from resnet_fused import _extension
+from resnet_fused.ops import reference
 from test_conv_bn_act import SHAPES, exact_and_unfused, fused, make_case
 
 
@@ -46,7 +47,7 @@ def test_residual_in_another_layout_and_grouped_conv():
 
     x, weight, bn, _, conv_args = make_case((1, 6, 7, 7, 4, 3, 1, 1, 1), torch.float32, False, False, 124)
     weight = weight[:, :3].contiguous()
-    expected = resnet_fused.reference.conv_bn_act(x, weight, None, *bn.values(), groups=2, **conv_args)
+    expected = reference.conv_bn_act(x, weight, None, *bn.values(), groups=2, **conv_args)
     torch.testing.assert_close(fused(x, weight, bn, None, conv_args, "cpu", groups=2), expected)
 
 
