@@ -4,13 +4,14 @@ from .backends import BACKENDS, available_backends
 from .convert import convert
 from .freeze import FrozenModel, freeze
 from .functional import conv_batch_norm_act, conv_bn_act
-from .nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d
+from .nn import FoldedBatchNorm2d, FoldedFrozenBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "FoldedBatchNorm2d",
+    "FoldedFrozenBatchNorm2d",
     "FoldedSyncBatchNorm",
     "FrozenModel",
     "FusedBasicBlock",

@@ -52,7 +52,7 @@ from torch import nn
 
 from . import backends
 from .convert import convert
-from .nn import (FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks,
+from .nn import (FOLDED, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks,
                  is_plain_conv)
 
 FREEZE_DTYPES = (torch.float32, torch.bfloat16)
@@ -416,7 +416,7 @@ def _freeze_convs(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             return FrozenConv2d.from_conv(child, child.folded_bn, child.relu, dtype)
         if is_plain_conv(child):
             return FrozenConv2d.from_conv(child, None, False, dtype)
-        if type(child) in (FoldedBatchNorm2d, FoldedSyncBatchNorm) and child.running_mean is not None:
+        if type(child) in FOLDED and child.running_mean is not None:
             return nn.Identity()  # applied by the frozen conv before it
         if type(child) in (FusedBasicBlock, FusedBottleneck):
             convs = [getattr(child, n) for n in ("conv1", "conv2", "conv3") if hasattr(child, n)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from . import backends, functional
 from .ops import reference
@@ -59,12 +60,39 @@ class FoldedSyncBatchNorm(nn.SyncBatchNorm):
         return x
 
 
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A torchvision ``FrozenBatchNorm2d`` (the backbone norm of torchvision's detection models:
+    running statistics and affine parameters as buffers, never updated, no gradients) applied by
+    the ``FusedConv2d`` before it; holds the very same buffers as the original."""
+
+    def __init__(self, bn: FrozenBatchNorm2d):
+        nn.Module.__init__(self)
+        self.eps = bn.eps
+        _share_state(self, bn)
+
+    @property
+    def num_features(self) -> int:
+        return self.running_mean.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm, FoldedFrozenBatchNorm2d)  # the norms a FusedConv2d applies
+
+
+def norm_features(bn: nn.Module) -> int:
+    """The channel count of a plain BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d."""
+    return bn.running_mean.shape[0] if isinstance(bn, FrozenBatchNorm2d) else bn.num_features
+
+
 class FusedConv2d(nn.Conv2d):
     """``act(bn(conv(x)) [+ residual])`` as one op; ``act`` is ReLU when ``relu`` is set."""
 
     def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool, backend: str = "auto"):
-        if not isinstance(bn, (FoldedBatchNorm2d, FoldedSyncBatchNorm)):
-            raise TypeError("FusedConv2d needs the FoldedBatchNorm2d/FoldedSyncBatchNorm that now holds the BatchNorm's state")
+        if not isinstance(bn, FOLDED):
+            raise TypeError("FusedConv2d needs the FoldedBatchNorm2d/FoldedSyncBatchNorm/FoldedFrozenBatchNorm2d that "
+                            "now holds the BatchNorm's state")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("FusedConv2d supports zero padding given as numbers, not padding_mode/'same'")
         if bn.num_features != conv.out_channels:
@@ -104,6 +132,12 @@ class FusedConv2d(nn.Conv2d):
             residual = residual.to(x.dtype)  # an in-place add does not promote
         if backends.get(backend).is_reference or not self._fusable(x, weight, residual):
             return reference.conv_bn_act_modules(x, self, bn, residual, self.relu, self.residual_in_place)
+        if isinstance(bn, FoldedFrozenBatchNorm2d):
+            # Eval-mode BatchNorm in every mode; its buffers take no gradient and no update.
+            training, momentum, tracked, track = False, 0.0, None, True
+        else:
+            training, momentum, track = bn.training, bn.momentum, bn.track_running_stats
+            tracked = bn.num_batches_tracked if track else None
         # The live parameters and buffers on every call: nothing folded ahead of time, so an
         # optimizer step, a load_state_dict or a write through .data is always seen.
         stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
@@ -111,8 +145,8 @@ class FusedConv2d(nn.Conv2d):
                        "running_mean": bn.running_mean, "running_var": bn.running_var}
         functional.check_conv_bn_act(x, weight, per_channel, bn.eps, residual, stride, padding, dilation, self.groups)
         return functional.run_unit(
-            x, weight, bn.running_mean, bn.running_var, bn.training, bn.momentum, bn.eps, bias, bn.weight, bn.bias,
-            bn.num_batches_tracked if bn.track_running_stats else None, bn.track_running_stats, residual, stride,
+            x, weight, bn.running_mean, bn.running_var, training, momentum, bn.eps, bias, bn.weight, bn.bias,
+            tracked, track, residual, stride,
             padding, dilation, self.groups, self.relu, backend, isinstance(bn, FoldedSyncBatchNorm),
             getattr(bn, "process_group", None),
         )
@@ -121,6 +155,10 @@ class FusedConv2d(nn.Conv2d):
         """Whether a fused op computes what the unfused modules would here."""
         if torch.float64 in (x.dtype, weight.dtype):
             return False  # no fused kernel; other dtype errors are reported by functional.py
+        if isinstance(self.folded_bn, FoldedFrozenBatchNorm2d) and self.folded_bn.weight.dtype != x.dtype:
+            # FrozenBatchNorm2d's x * scale + shift promotes to its buffers' dtype (fp32 under
+            # autocast), where the fused op keeps the conv's: the unfused modules keep that dtype.
+            return False
         if residual is None:
             return True
         if not isinstance(residual, torch.Tensor):
@@ -158,12 +196,15 @@ def is_plain_conv(module: nn.Module) -> bool:
 
 
 def is_plain_batch_norm(module: nn.Module) -> bool:
-    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not has_hooks(module)
+    """Exactly one of the norms whose semantics the fused ops reproduce: nn.BatchNorm2d,
+    nn.SyncBatchNorm and torchvision's FrozenBatchNorm2d, without hooks."""
+    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d) and not has_hooks(module)
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, backend: str) -> tuple[FusedConv2d, nn.Module]:
     """The pair of modules that replace ``conv`` and ``bn`` in their slots."""
-    folded = FoldedSyncBatchNorm(bn) if isinstance(bn, nn.SyncBatchNorm) else FoldedBatchNorm2d(bn)
+    folded = (FoldedSyncBatchNorm if isinstance(bn, nn.SyncBatchNorm)
+              else FoldedFrozenBatchNorm2d if isinstance(bn, FrozenBatchNorm2d) else FoldedBatchNorm2d)(bn)
     return FusedConv2d(conv, folded, relu, backend), folded
 
 
@@ -177,7 +218,7 @@ def _fuse_downsample(downsample: nn.Module | None, backend: str) -> nn.Module | 
         and len(downsample) == 2
         and is_plain_conv(downsample[0])
         and is_plain_batch_norm(downsample[1])
-        and downsample[1].num_features == downsample[0].out_channels
+        and norm_features(downsample[1]) == downsample[0].out_channels
     ):
         conv, bn = fuse_conv_bn(downsample[0], downsample[1], relu=False, backend=backend)
         return nn.Sequential(conv, bn)

@@ -24,7 +24,7 @@ from collections import Counter
 from torch import nn
 
 from .. import backends
-from ..nn import FusedBasicBlock, FusedBottleneck, has_hooks, is_plain_batch_norm, is_plain_conv
+from ..nn import FusedBasicBlock, FusedBottleneck, has_hooks, is_plain_batch_norm, is_plain_conv, norm_features
 from .chains import fuse_chains
 from .report import ConversionReport, build_report
 from .residual import fuse_residuals, may_hold_residual
@@ -106,7 +106,7 @@ def _block_is_plain(block: nn.Module, shared: set[int]) -> bool:
         not has_hooks(block)
         and not any(id(m) in shared for m in block.modules())
         and all(is_plain_conv(c) for c in convs)
-        and all(is_plain_batch_norm(b) and b.num_features == c.out_channels for b, c in zip(norms, convs))
+        and all(is_plain_batch_norm(b) and norm_features(b) == c.out_channels for b, c in zip(norms, convs))
         and type(block.relu) is nn.ReLU
         and not has_hooks(block.relu)
     )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn import FusedConv2d, fuse_conv_bn, has_hooks, is_plain_batch_norm, is_plain_conv
+from ..nn import FusedConv2d, fuse_conv_bn, has_hooks, is_plain_batch_norm, is_plain_conv, norm_features
 from .tracing import Traces, is_noop, is_relu_node, leaves, single_user
 
 # conv target → (bn target, relu follows, ReLU module used only here)
@@ -86,8 +86,8 @@ def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[
             why_not[node.target] = (f"followed by {follower}, which is not fused (see its own line)" if is_bn
                                     else f"followed by {follower}, not a BatchNorm2d")
             continue
-        if parent.get_submodule(bn_node.target).num_features != parent.get_submodule(node.target).out_channels:
-            why_not[node.target] = "its BatchNorm2d's num_features differ from the conv's out_channels"
+        if norm_features(parent.get_submodule(bn_node.target)) != parent.get_submodule(node.target).out_channels:
+            why_not[node.target] = "its BatchNorm's channel count differs from the conv's out_channels"
             continue
         # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the ReLU:
         # relu(noop(y)) == noop(relu(y)), so the ReLU still folds into the conv.

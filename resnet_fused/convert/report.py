@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedConv2d, has_hooks, is_plain_batch_norm
+from ..nn import FOLDED, FusedConv2d, has_hooks, is_plain_batch_norm
 from .chains import is_norm
 
-_FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm)
 
 
 @dataclass
@@ -58,7 +57,7 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
                 report.relus_fused += 1
         elif isinstance(module, nn.Conv2d):
             report.unfused.append((name, conv_reasons.get(name, "not called by any forward convert could trace")))
-        elif is_norm(module) and not isinstance(module, _FOLDED):
+        elif is_norm(module) and not isinstance(module, FOLDED):
             reason = "not a plain nn.BatchNorm2d (a subclass or another norm may compute something else)"
             if is_plain_batch_norm(module):
                 reason = "has hooks" if has_hooks(module) else "no conv feeds it directly"

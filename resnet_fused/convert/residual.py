@@ -25,11 +25,10 @@ import operator
 import torch
 from torch import fx, nn
 
-from ..nn import FoldedBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks
+from ..nn import FOLDED, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks
 from .tracing import Traces, augmented_assign, is_noop, is_relu_node, single_user, trace_in_mode
 
 _ADDS = (operator.add, torch.add)
-_FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm)
 
 
 def add_operands(node: fx.Node) -> tuple | None:
@@ -78,7 +77,7 @@ def _writes_nothing(module: nn.Module, traces: Traces) -> bool:
     verdicts[id(module)] = False  # while deciding: a module that reaches itself writes
     if has_hooks(module) or getattr(module, "inplace", False):
         verdict = False
-    elif isinstance(module, (FusedConv2d, FoldedBatchNorm2d, FoldedSyncBatchNorm)):
+    elif isinstance(module, (FusedConv2d, *FOLDED)):
         verdict = True
     elif type(module).__module__.startswith("torch.nn."):
         verdict = all(_writes_nothing(m, traces) for m in module.children())
@@ -111,7 +110,7 @@ def _fused_conv_feeding(node: fx.Node, block: nn.Module) -> fx.Node | None:
         if isinstance(module, FusedConv2d):
             ok = seen_bn and not module.relu and len(node.args) == 1 and not node.kwargs
             return node if ok else None
-        if isinstance(module, (FoldedBatchNorm2d, FoldedSyncBatchNorm)):
+        if isinstance(module, FOLDED):
             seen_bn = True
         elif not is_noop(module):
             return None
@@ -241,7 +240,7 @@ def _misses(block: nn.Module, graph: fx.Graph, traces: Traces) -> list[tuple[str
         if consumer is None or consumer.op != "call_module":
             continue
         between = block.get_submodule(consumer.target)
-        if isinstance(between, (FusedConv2d, *_FOLDED)) or not _leads_to_add(consumer):
+        if isinstance(between, (FusedConv2d, *FOLDED)) or not _leads_to_add(consumer):
             continue
         misses.append((node.target, f"{type(between).__name__} between the BatchNorm and the residual add"))
     found = list(candidates(block, graph, traces))
@@ -255,7 +254,7 @@ def _misses(block: nn.Module, graph: fx.Graph, traces: Traces) -> list[tuple[str
 def _past_noops(block: nn.Module, node: fx.Node) -> fx.Node | None:
     node = single_user(node)
     while node is not None and node.op == "call_module" and (
-        isinstance(block.get_submodule(node.target), _FOLDED) or is_noop(block.get_submodule(node.target))
+        isinstance(block.get_submodule(node.target), FOLDED) or is_noop(block.get_submodule(node.target))
     ):
         node = single_user(node)
     return node

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from . import aten
 from .kernels import Kernels
@@ -65,7 +66,10 @@ def conv_bn_act_modules(
     statistics in training, running-stat updates, momentum=None averaging, num_batches_tracked.
     """
     y = nn.Conv2d.forward(conv, x)
-    y = (nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d).forward(bn, y)
+    if isinstance(bn, FrozenBatchNorm2d):
+        y = FrozenBatchNorm2d.forward(bn, y)
+    else:
+        y = (nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d).forward(bn, y)
     if in_place and residual is not None:
         y += residual
         residual = None
