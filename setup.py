@@ -12,7 +12,7 @@ Environment switches:
 The CUDA build needs the CUTLASS headers of the pinned package nvidia-cutlass
 (CUTLASS_PIN below; `pip install --no-deps nvidia-cutlass==4.2.0.0`) whenever
 the arch list has an 8.x or 9.0 entry: the cuda backend's fused conv kernels
-are CUTLASS instantiations (csrc/cuda/cutlass_sm90_*.cu, cutlass_sm80_*.cu).
+are CUTLASS instantiations (csrc/cuda/cutlass/cutlass_sm90_*.cu, cutlass_sm80_*.cu).
 """
 
 import concurrent.futures as concurrent_futures
@@ -203,7 +203,7 @@ def cutlass_groups(archs: list[int], include_dirs: list[str]) -> list[dict]:
     if 90 in archs:
         groups.append({
             "name": "cutlass_sm90",
-            "sources": rel(CSRC.glob("cuda/cutlass_sm90_*.cu")),
+            "sources": rel(CSRC.glob("cuda/cutlass/cutlass_sm90_*.cu")),
             "nvcc": ["-gencode=arch=compute_90a,code=sm_90a", "-DNDEBUG"],
             "include_dirs": include_dirs,
         })
@@ -211,7 +211,7 @@ def cutlass_groups(archs: list[int], include_dirs: list[str]) -> list[dict]:
     if sm80:
         groups.append({
             "name": "cutlass_sm80",
-            "sources": rel(CSRC.glob("cuda/cutlass_sm80_*.cu")),
+            "sources": rel(CSRC.glob("cuda/cutlass/cutlass_sm80_*.cu")),
             "nvcc": [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sm80] + ["-DNDEBUG"],
             "include_dirs": include_dirs,
         })
@@ -231,7 +231,7 @@ def rel(paths) -> list[str]:
 
 def make_extension():
     with_cuda, why = decide_cuda()
-    sources = rel([CSRC / "ops.cpp", *CSRC.glob("cpu/*.cpp")])
+    sources = rel([CSRC / "ops.cpp", CSRC / "bindings.cpp", *CSRC.glob("cpu/*.cpp")])
     macros = [("RESNET_FUSED_TORCH_VERSION", c_string(torch.__version__))]
     # No -std flag: torch appends the standard its headers need (C++20 for 2.14,
     # C++17 for older releases); the sources are valid under both.
@@ -248,8 +248,8 @@ def make_extension():
         archs, archs_from = cuda_arch_list()
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         cuda_version = nvcc_version()
-        # The CUTLASS kernel files build in their own groups, with their own arch flags.
-        sources += rel(p for p in CSRC.glob("cuda/*.cu") if not p.name.startswith("cutlass_"))
+        # Not cuda/cutlass/: those kernel files build in their own groups, with their own arch flags.
+        sources += rel(CSRC.glob("cuda/*.cu"))
         # Pass the -gencode flags ourselves: torch adds none when any nvcc flag
         # contains "arch", which an include path like /home/me/research/... does.
         gencodes = _get_cuda_arch_flags()

@@ -2,10 +2,11 @@
 // implicit-GEMM kernel runs a convolution, or why it goes to the exact path
 // (cuDNN + one epilogue pass, csrc/conv_bn_act.h) instead.
 //
-// Plain C++ on plain integers, with no CUDA, CUTLASS or torch header: ops.cpp
-// compiles it with g++ in every build (RESNET_FUSED_NO_CUDA included) and
-// exposes plan_conv() to Python as resnet_fused._C.cuda_conv_plan, so the CPU
-// tests check the same function the CUDA op calls on every launch.
+// Plain C++ on plain integers, with no CUDA, CUTLASS or torch header:
+// bindings.cpp compiles it with g++ in every build (RESNET_FUSED_NO_CUDA
+// included) and exposes plan_conv() to Python as
+// resnet_fused._C.cuda_conv_plan, so the CPU tests check the same function the
+// CUDA op calls on every launch.
 //
 // The checks mirror what the kernels' own CUTLASS can_implement() tests (the
 // CUDA build also exposes those, as _C.cutlass_can_implement, and the CPU
@@ -66,7 +67,7 @@ struct Build {
 enum class Arch : int { kSm90, kSm80 };
 
 // Every kernel this project can build: one CUTLASS instantiation, one .cu file
-// (csrc/cuda/cutlass_<name>.cu), one entry here, in this order.
+// (csrc/cuda/cutlass/cutlass_<name>.cu), one entry here, in this order.
 struct KernelConfig {
   const char* name;
   Arch arch;

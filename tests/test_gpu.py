@@ -205,7 +205,7 @@ def test_converted_resnet50_half_channels_last(dtype):
 
 
 # ---------------------------------------------------------------------------
-# The cuda backend's CUTLASS path (csrc/cuda/cutlass_*.cu): one fused launch per conv where
+# The cuda backend's CUTLASS path (csrc/cuda/cutlass/cutlass_*.cu): one fused launch per conv where
 # _C.cuda_conv_plan says so, the exact cuDNN + epilogue path elsewhere. Each case also checks,
 # with the op's dispatch counters, that the kernel the plan names is the one that ran.
 

@@ -2,9 +2,10 @@
 //
 // Where a CUTLASS kernel applies (cutlass_plan.h decides, on the host), the op
 // is ONE implicit-GEMM launch whose epilogue applies BatchNorm, the residual
-// and the ReLU (cutlass_sm90.cuh on H100/H200, cutlass_sm80.cuh on A100 and as
-// the sm90 fallback), after a tiny per-channel launch that folds the live BN
-// tensors into scale/shift (and on sm80 a scaled copy of the filter).
+// and the ReLU (cutlass/cutlass_sm90.cuh on H100/H200, cutlass/cutlass_sm80.cuh
+// on A100 and as the sm90 fallback), after a tiny per-channel launch that
+// folds the live BN tensors into scale/shift (and on sm80 a scaled copy of the
+// filter).
 //
 // Everywhere else (fp32/fp64, groups > 1, C or K not a multiple of 8, an arch
 // without a CUTLASS cubin, a misaligned pointer, or CUTLASS refusing the
@@ -30,7 +31,7 @@
 #include <optional>
 
 #include "conv_bn_act.h"
-#include "cutlass_conv.cuh"
+#include "cuda/cutlass/cutlass_conv.cuh"
 #include "cutlass_plan.h"
 #include "epilogue.h"
 
@@ -299,7 +300,7 @@ std::optional<at::Tensor> try_cutlass(const at::Tensor& input, const at::Tensor&
 
   at::Tensor filter = w;
   if (plan::kKernels[p.kernel].arch == plan::Arch::kSm80) {
-    // sm80 applies the scale through the filter (see cutlass_sm80.cuh).
+    // sm80 applies the scale through the filter (see cutlass/cutlass_sm80.cuh).
     filter = at::empty_like(w, cl);
     const int64_t n = w.numel();
     const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));

@@ -1,8 +1,9 @@
 // The boundary between the torch side of the cuda conv_bn_act op
-// (conv_bn_act.cu) and the CUTLASS kernels (cutlass_sm90_*.cu,
-// cutlass_sm80_*.cu): raw pointers and integers only. The kernel files include
-// no torch header, which keeps each heavy CUTLASS translation unit as small as
-// it can be and lets setup.py compile them with their own arch flags.
+// (csrc/cuda/conv_bn_act.cu) and the CUTLASS kernels (cutlass_sm90_*.cu,
+// cutlass_sm80_*.cu, next to this file): raw pointers and integers only. The
+// kernel files include no torch header, which keeps each heavy CUTLASS
+// translation unit as small as it can be and lets setup.py compile them with
+// their own arch flags.
 #pragma once
 
 #include <cuda_runtime_api.h>
