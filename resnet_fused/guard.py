@@ -31,6 +31,7 @@ ULPS = 4  # the floor of the rule, in units of the output dtype's eps times the 
 
 # key -> True (verified) or False (failed: the reference runs); one process-wide table.
 _verdicts: dict[tuple, bool] = {}
+_rejected: set[tuple[str, str]] = set()  # (kernel, backend) with any failed key: torch.compile avoids them
 
 
 class FusedKernelMismatch(UserWarning):
@@ -49,12 +50,7 @@ def mode(verify_by_default: bool) -> str:
 def reset() -> None:
     """Forget every verdict (tests; or after replacing a kernel)."""
     _verdicts.clear()
-
-
-def _layout(t: torch.Tensor) -> str:
-    if t.is_contiguous():
-        return "contiguous"
-    return "channels_last" if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else "strided"
+    _rejected.clear()
 
 
 @functools.cache
@@ -63,9 +59,14 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def _describe(value):
+    """A tensor by shape, dtype, strides, 16-byte alignment and device (what kernels specialize
+    on); a float by its kind only (eps, momentum and momentum=None's 1/step change no code, and
+    1/step would make a new key every step); anything else as it is."""
     if isinstance(value, torch.Tensor):
-        capability = _capability(value.device)
-        return ("tensor", tuple(value.shape), str(value.dtype), _layout(value), value.device.type, capability)
+        return (tuple(value.shape), value.dtype, value.stride(), value.data_ptr() % 16 == 0, value.device,
+                _capability(value.device))
+    if isinstance(value, float):
+        return float
     if isinstance(value, (list, tuple)):
         return tuple(_describe(v) for v in value)
     return value
@@ -77,23 +78,35 @@ def _outputs(result) -> list:
 
 def compare(fused, unfused, exact) -> tuple[bool, float, str]:
     """``(ok, ratio, detail)`` of one call's outputs under the rule: ``ratio`` is the largest
-    fused error over what the rule allows (ok iff ≤ 1)."""
+    fused error over what the rule allows (ok iff ≤ 1). The outputs must agree in number, shape
+    and dtype; non-finite exact values (inf, NaN) must be matched exactly; the errors are taken
+    over the finite ones, and where the unfused computation itself overflowed (an infinite error)
+    it bounds nothing: the fused result must then be within a few ulps."""
+    fused_list, unfused_list, exact_list = _outputs(fused), _outputs(unfused), _outputs(exact)
+    if len(fused_list) != len(exact_list):
+        return False, float("inf"), f"{len(fused_list)} outputs where {len(exact_list)} are expected"
     worst, detail = 0.0, ""
-    for i, (f, u, e) in enumerate(zip(_outputs(fused), _outputs(unfused), _outputs(exact))):
+    for i, (f, u, e) in enumerate(zip(fused_list, unfused_list, exact_list)):
         if not isinstance(e, torch.Tensor):
             continue
-        if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(e.shape):
-            return False, float("inf"), f"output {i}: shape {getattr(f, 'shape', f)} where {tuple(e.shape)} is expected"
+        if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(e.shape) or f.dtype != u.dtype:
+            return False, float("inf"), (f"output {i}: {getattr(f, 'dtype', type(f).__name__)} "
+                                         f"{tuple(getattr(f, 'shape', ()))} where {u.dtype} {tuple(e.shape)} is expected")
+        dtype = f.dtype
         f, u, e = f.double(), u.double(), e.double()
-        nan = torch.isnan(e)
-        if not torch.equal(torch.isnan(f), nan):
-            return False, float("inf"), f"output {i}: NaN where the exact result has none (or the reverse)"
-        if e.numel() == 0 or bool(nan.all()):
+        finite = torch.isfinite(e)
+        if not torch.equal(f[~finite].nan_to_num(nan=0.5), e[~finite].nan_to_num(nan=0.5)) or \
+                not bool(torch.isfinite(f[finite]).all()):
+            return False, float("inf"), f"output {i}: inf or NaN where the exact result has none (or the reverse)"
+        if not bool(finite.any()):
             continue
-        f, u, e = f[~nan], u[~nan], e[~nan]
+        f, u, e = f[finite], u[finite], e[finite]
         scale = e.abs().max().item()
-        fused_err, unfused_err = (f - e).abs().max().item(), (u - e).abs().max().item()
-        allowed = 2 * unfused_err + ULPS * torch.finfo(_outputs(fused)[i].dtype).eps * scale
+        fused_err = (f - e).abs().max().item()
+        unfused_err = (u - e).abs().max().item()
+        if unfused_err != unfused_err or unfused_err == float("inf"):
+            unfused_err = 0.0  # the unfused ops overflowed: they bound nothing
+        allowed = 2 * unfused_err + ULPS * torch.finfo(dtype).eps * scale
         ratio = fused_err / allowed if allowed > 0 else (0.0 if fused_err == 0 else float("inf"))
         if ratio > worst:
             worst = ratio
@@ -117,7 +130,9 @@ def guarded(kernel: str, backend: str, verify_by_default: bool, fused: Callable,
 
     def call(*args):
         if torch.compiler.is_compiling():
-            return fused(*args)
+            # No comparison inside a graph (it would break it), and no key (fake tensors have
+            # no data): a kernel that failed any eager check is not traced in at all.
+            return reference(*args) if (kernel, backend) in _rejected else fused(*args)
         policy = mode(verify_by_default)
         if policy == "off":
             return fused(*args)
@@ -138,23 +153,39 @@ def _verify(key, kernel, backend, fused, reference, mutated, args):
         exact_args = [_float64(a) for a in args]
         unfused = reference(*own)
         exact = reference(*exact_args)
-        try:
-            result = fused(*args)
-        except Exception as error:  # noqa: BLE001  (any failure of the kernel means: use the reference)
-            return _fall_back(key, kernel, backend, args, own, mutated, unfused, f"{type(error).__name__}: {error}")
-        if mutated:
-            result_outputs = [args[i] for i in mutated]
-            ok, _, detail = compare(result_outputs, [own[i] for i in mutated], [exact_args[i] for i in mutated])
+    # The kernel gets copies of what it may only read: one that writes into an input fails.
+    inputs = [(i, a, a.detach().clone()) for i, a in enumerate(args)
+              if isinstance(a, torch.Tensor) and i not in mutated]
+    try:
+        result = fused(*args)  # with autograd as the caller has it
+    except Exception as error:  # noqa: BLE001  (any failure of the kernel means: use the reference)
+        return _fall_back(key, kernel, backend, args, own, mutated, reference, f"{type(error).__name__}: {error}")
+    with torch.no_grad():
+        written = [i for i, a, before in inputs if not _unchanged(a.detach(), before)]
+        if written:
+            for i, a, before in inputs:
+                a.detach().copy_(before)
+            ok, detail = False, f"the kernel wrote into its input(s) {written}"
+        elif mutated:
+            ok, _, detail = compare([args[i] for i in mutated], [own[i] for i in mutated],
+                                    [exact_args[i] for i in mutated])
         else:
             ok, _, detail = compare(result, unfused, exact)
-        if not ok:
-            return _fall_back(key, kernel, backend, args, own, mutated, unfused, detail)
+    if not ok:
+        return _fall_back(key, kernel, backend, args, own, mutated, reference, detail)
     _verdicts[key] = True
     return result
 
 
-def _fall_back(key, kernel, backend, args, own, mutated, unfused, detail):
+def _unchanged(after: torch.Tensor, before: torch.Tensor) -> bool:
+    if not after.is_floating_point():
+        return torch.equal(after, before)
+    return torch.equal(after.isnan(), before.isnan()) and torch.equal(after.nan_to_num(), before.nan_to_num())
+
+
+def _fall_back(key, kernel, backend, args, own, mutated, reference, detail):
     _verdicts[key] = False
+    _rejected.add((kernel, backend))
     for i in mutated:  # the caller's tensors get the reference's update, not the kernel's
         args[i].copy_(own[i])
     shapes = ", ".join(f"{tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args
@@ -166,7 +197,9 @@ def _fall_back(key, kernel, backend, args, own, mutated, unfused, detail):
         "process (RESNET_FUSED_VERIFY, README 'Runtime guard').",
         FusedKernelMismatch, stacklevel=3,
     )
-    return unfused
+    # The reference once more, with autograd as the caller has it (the answer of the verifying
+    # run was computed without); in-place ops are done (their update was restored above).
+    return None if mutated else reference(*args)
 
 
 def guard_backend(record, reference_record):
@@ -174,13 +207,17 @@ def guard_backend(record, reference_record):
     default = record.verify_by_default
     inference = guarded("conv_bn_act", record.name, default, record.inference, reference_record.inference)
 
+    made = []  # the guarded Kernels, built on first use (the kernel modules load then) and kept
+
     def kernels():
-        fused, exact = record.kernels(), reference_record.kernels()
-        mutated = {"update_running_stats": (0, 1)}
-        return dataclasses.replace(fused, **{
-            field.name: guarded(field.name, record.name, default, getattr(fused, field.name),
-                                getattr(exact, field.name), mutated.get(field.name, ()))
-            for field in dataclasses.fields(fused)
-        })
+        if not made:
+            fused, exact = record.kernels(), reference_record.kernels()
+            mutated = {"update_running_stats": (0, 1)}
+            made.append(dataclasses.replace(fused, **{
+                field.name: guarded(field.name, record.name, default, getattr(fused, field.name),
+                                    getattr(exact, field.name), mutated.get(field.name, ()))
+                for field in dataclasses.fields(fused)
+            }))
+        return made[0]
 
     return dataclasses.replace(record, inference=inference, kernels=kernels)

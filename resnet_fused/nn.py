@@ -14,9 +14,10 @@ backend and a residual whose dtype would promote run the unfused modules.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from . import backends, functional
 from .ops import reference
@@ -60,15 +61,29 @@ class FoldedSyncBatchNorm(nn.SyncBatchNorm):
         return x
 
 
-class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+def frozen_batch_norm_type() -> type | None:
+    """torchvision's FrozenBatchNorm2d class if torchvision.ops is loaded (a model cannot hold
+    one otherwise); looked up, not imported: importing torchvision.ops imports Triton."""
+    return getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
+
+
+class FoldedFrozenBatchNorm2d(nn.Module):
     """A torchvision ``FrozenBatchNorm2d`` (the backbone norm of torchvision's detection models:
     running statistics and affine parameters as buffers, never updated, no gradients) applied by
-    the ``FusedConv2d`` before it; holds the very same buffers as the original."""
+    the ``FusedConv2d`` before it; holds the very same buffers as the original (same state_dict
+    keys; ``reference.frozen_batch_norm`` is its forward)."""
 
-    def __init__(self, bn: FrozenBatchNorm2d):
-        nn.Module.__init__(self)
+    frozen = True  # eval-mode BatchNorm whatever the module's mode
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
         self.eps = bn.eps
         _share_state(self, bn)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # As FrozenBatchNorm2d: a BatchNorm2d checkpoint's num_batches_tracked is dropped.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_features(self) -> int:
@@ -83,7 +98,7 @@ FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm, FoldedFrozenBatchNorm2d)  # th
 
 def norm_features(bn: nn.Module) -> int:
     """The channel count of a plain BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d."""
-    return bn.running_mean.shape[0] if isinstance(bn, FrozenBatchNorm2d) else bn.num_features
+    return bn.running_mean.shape[0] if type(bn) is frozen_batch_norm_type() else bn.num_features
 
 
 class FusedConv2d(nn.Conv2d):
@@ -198,13 +213,14 @@ def is_plain_conv(module: nn.Module) -> bool:
 def is_plain_batch_norm(module: nn.Module) -> bool:
     """Exactly one of the norms whose semantics the fused ops reproduce: nn.BatchNorm2d,
     nn.SyncBatchNorm and torchvision's FrozenBatchNorm2d, without hooks."""
-    return type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d) and not has_hooks(module)
+    plain = type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm) or type(module) is frozen_batch_norm_type()
+    return plain and not has_hooks(module)
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, backend: str) -> tuple[FusedConv2d, nn.Module]:
     """The pair of modules that replace ``conv`` and ``bn`` in their slots."""
     folded = (FoldedSyncBatchNorm if isinstance(bn, nn.SyncBatchNorm)
-              else FoldedFrozenBatchNorm2d if isinstance(bn, FrozenBatchNorm2d) else FoldedBatchNorm2d)(bn)
+              else FoldedFrozenBatchNorm2d if type(bn) is frozen_batch_norm_type() else FoldedBatchNorm2d)(bn)
     return FusedConv2d(conv, folded, relu, backend), folded
 
 

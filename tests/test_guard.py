@@ -167,3 +167,62 @@ def test_real_triton_kernels_pass_their_first_check_without_a_warning(monkeypatc
         out = converted.train()(x)
         (out.float() * torch.randn(out.shape)).sum().backward()
     assert len(guard._verdicts) >= 6 and all(guard._verdicts.values())
+
+
+def _one_call(fused, exact_fn, *args, mutated=()):
+    call = guard.guarded("piece", "broken", True, fused, exact_fn, mutated)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call(*args)
+    return out, [w for w in caught if issubclass(w.category, guard.FusedKernelMismatch)]
+
+
+def test_the_rule_is_not_disarmed_by_an_overflowing_reference_nor_fooled_by_inputs(monkeypatch):
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "first")
+    x = torch.tensor([60000.0, 2.0], dtype=torch.float16)
+
+    def twice(t):  # in fp16 the first element overflows to inf; in float64 it does not
+        return t * 2
+
+    out, warned = _one_call(lambda t: torch.tensor([1234.0, 4.0], dtype=t.dtype), twice, x)
+    assert warned and out[1].item() == 4.0  # the reference's answer, not 1234
+    guard.reset()
+
+    def writes_input(t):
+        t.mul_(3)
+        return t / 3 * 2
+
+    y = torch.ones(3)
+    out, warned = _one_call(writes_input, twice, y)
+    assert warned and "wrote into its input" in str(warned[0].message)
+    assert torch.equal(y, torch.ones(3)) and torch.equal(out, torch.full((3,), 2.0))
+    guard.reset()
+    out, warned = _one_call(lambda t: (t * 2).double(), twice, torch.ones(2))  # wrong dtype
+    assert warned and out.dtype == torch.float32
+
+
+def test_the_first_call_keeps_autograd_and_momentum_none_makes_no_new_keys(monkeypatch):
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "first")
+    _broken(monkeypatch)
+    bn = nn.BatchNorm2d(4, momentum=None)
+    model = randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), bn)).train()
+    converted = resnet_fused.convert(model, backend="broken").train()
+    for step in range(4):
+        out = converted(torch.randn(2, 3, 6, 6, requires_grad=True))
+        assert out.requires_grad
+        if step == 0:
+            keys = len(guard._verdicts)
+    assert len(guard._verdicts) == keys  # 1/num_batches_tracked changes every step
+
+
+def test_under_torch_compile_a_rejected_kernel_is_not_traced_in(monkeypatch):
+    monkeypatch.setenv("RESNET_FUSED_VERIFY", "first")
+    _broken(monkeypatch, inference=_wrong_inference)
+    model = _net().eval()
+    converted = resnet_fused.convert(model, backend="broken")
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted(x)  # eager: rejected
+        compiled = torch.compile(converted, backend="aot_eager", fullgraph=True)
+        assert max_rel_error(compiled(x), model(x)) < 1e-5

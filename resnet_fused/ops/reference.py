@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from . import aten
 from .kernels import Kernels
@@ -66,14 +65,20 @@ def conv_bn_act_modules(
     statistics in training, running-stat updates, momentum=None averaging, num_batches_tracked.
     """
     y = nn.Conv2d.forward(conv, x)
-    if isinstance(bn, FrozenBatchNorm2d):
-        y = FrozenBatchNorm2d.forward(bn, y)
+    if getattr(bn, "frozen", False):
+        y = frozen_batch_norm(y, bn)
     else:
         y = (nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d).forward(bn, y)
     if in_place and residual is not None:
         y += residual
         residual = None
     return add_act(y, residual, relu)
+
+
+def frozen_batch_norm(y: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """torchvision's FrozenBatchNorm2d.forward, operation for operation (its dtype promotion too)."""
+    scale = bn.weight.reshape(1, -1, 1, 1) * (bn.running_var.reshape(1, -1, 1, 1) + bn.eps).rsqrt()
+    return y * scale + (bn.bias.reshape(1, -1, 1, 1) - bn.running_mean.reshape(1, -1, 1, 1) * scale)
 
 
 def add_act(y: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
