@@ -88,7 +88,7 @@ pybind11::dict cuda_conv_plan(const std::vector<int64_t>& input_shape, const std
   plan::Build b = plan::compiled_build();
   if (sm90a.has_value()) b.sm90a = *sm90a;
   if (sm80_cubins.has_value()) b.sm80_cubins = *sm80_cubins;
-  const plan::Plan p = plan::plan_conv(s, plan::Device{capability.first, capability.second, sm_count}, b);
+  const plan::Plan p = plan::plan_launch(s, plan::Device{capability.first, capability.second, sm_count}, b);
   pybind11::dict d;
   d["kernel"] = p.fused() ? pybind11::object(pybind11::str(p.name())) : pybind11::object(pybind11::none());
   d["reason"] = p.reason;
@@ -150,7 +150,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "Build configuration: with_cuda, cuda_archs, cuda_version, torch_version");
   m.def("cuda_conv_plan", &cuda_conv_plan,
         "The cuda backend's choice for one conv_bn_act: {kernel (None = cuDNN + epilogue), reason, "
-        "convert_layout, tile, output_shape}. Defaults: an H100 (capability (9, 0), 132 SMs) and this build's kernels.",
+        "convert_layout, tile, output_shape}. Defaults: an H100 (capability (9, 0), 132 SMs) and this build's kernels; "
+        "like the op, it follows cuda_conv_enable_sm90.",
         py::arg("input_shape"), py::arg("weight_shape"), py::arg("stride") = std::vector<int64_t>{1, 1},
         py::arg("padding") = std::vector<int64_t>{0, 0}, py::arg("dilation") = std::vector<int64_t>{1, 1},
         py::arg("groups") = 1, py::arg("dtype") = "float16", py::arg("channels_last") = true,
@@ -159,6 +160,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_conv_kernels", &cuda_conv_kernels, "Every CUTLASS kernel configuration and whether this build has it");
   m.def("cuda_conv_build", [] { return build_dict(plan::compiled_build()); },
         "The CUTLASS kernel families in this build: {sm90a: bool, sm80_cubins: [arch, ...]}");
+  m.def("cuda_conv_enable_sm90", [](bool enabled) { return plan::sm90_enabled().exchange(enabled); },
+        py::arg("enabled"),
+        "Let the cuda op and cuda_conv_plan pick the sm90 kernels (default) or not (tests: run the sm80 kernels on "
+        "Hopper); returns the previous setting");
 #if defined(RESNET_FUSED_WITH_CUDA)
   m.def("cutlass_can_implement", &cutlass_can_implement,
         "CUTLASS's own can_implement() for one kernel of this build, run on the host (None: not built)",
@@ -166,8 +171,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("padding") = std::vector<int64_t>{0, 0}, py::arg("dilation") = std::vector<int64_t>{1, 1});
   m.def("cuda_dispatch_counts", &cuda_dispatch_counts,
         "conv_bn_act launches per CUTLASS kernel since import, and the fallbacks to cuDNN + epilogue");
-  m.def("cuda_conv_enable_sm90", &resnet_fused::cutlass_set_sm90_enabled, py::arg("enabled"),
-        "Let the cuda op pick the sm90 kernels (default) or not (tests: run the sm80 kernels on Hopper); "
-        "returns the previous setting");
 #endif
 }

@@ -14,6 +14,7 @@
 // dtypes only, groups == 1, tensors small enough for 32-bit offsets.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -123,8 +124,16 @@ inline std::string shape_str(int64_t a, int64_t b) { return std::to_string(a) + 
 // sm90 (CUTLASS 3.x ConvUniversal, TMA im2col): the limits of
 // CollectiveConv::can_implement for 2 spatial dims (rank-4 im2col tensor maps):
 // padding in [0, 256], im2col box corners in [-128, 127] and filter offsets
-// (R-1)*dilation in [0, 254].
+// (R-1)*dilation in [0, 254]. Plus one can_implement does not test: the conv
+// stride is the tensor map's traversal stride, which cuTensorMapEncodeIm2col
+// accepts only in [1, 8]; CUTLASS checks the encode result with assert(), which
+// -DNDEBUG compiles out, so a larger stride would launch with a bad descriptor.
+inline constexpr int64_t kMaxTmaTraversalStride = 8;
+
 inline std::string sm90_rejects(const ConvShape& s) {
+  if (s.stride_h > kMaxTmaTraversalStride || s.stride_w > kMaxTmaTraversalStride) {
+    return "stride " + shape_str(s.stride_h, s.stride_w) + " above 8 (TMA im2col traversal stride)";
+  }
   const int64_t corner_lo_h = -s.pad_h, corner_lo_w = -s.pad_w;
   const int64_t corner_hi_h = s.pad_h - (s.R - 1) * s.dil_h, corner_hi_w = s.pad_w - (s.S - 1) * s.dil_w;
   for (int64_t c : {corner_lo_h, corner_lo_w, corner_hi_h, corner_hi_w}) {
@@ -234,6 +243,22 @@ inline Plan plan_conv(const ConvShape& s, const Device& d, const Build& b) {
   return plan;
 }
 
+// Whether the op may pick the sm90 family (default true). Tests turn it off to
+// run the sm80 kernels' sm_90 cubins on a Hopper GPU. One flag for the whole
+// extension: an inline function's static is shared by its translation units.
+inline std::atomic<bool>& sm90_enabled() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
+// The choice the cuda op makes for a launch: plan_conv over the kernels of
+// `build` that the run-time switch allows. The op calls this on every launch
+// and _C.cuda_conv_plan calls it too, so an inspected plan is the one that runs.
+inline Plan plan_launch(const ConvShape& s, const Device& d, Build build) {
+  build.sm90a = build.sm90a && sm90_enabled().load();
+  return plan_conv(s, d, build);
+}
+
 // What setup.py compiled into this binary (macros; none in a CPU-only build).
 inline Build compiled_build() {
   Build b;
@@ -265,9 +290,6 @@ int cutlass_can_implement(int kernel, const cutlass_plan::ConvShape& shape);
 // fallbacks to the exact path, then run-time fallbacks (CUTLASS refused the
 // problem, a pointer was misaligned, or the launch failed).
 std::vector<int64_t> cutlass_dispatch_counts();
-// Whether the op may pick the sm90 family (default true); returns the previous
-// setting. For tests: off, a Hopper GPU runs the sm80 kernels' sm_90 cubins.
-bool cutlass_set_sm90_enabled(bool enabled);
 #endif
 
 }  // namespace resnet_fused

@@ -176,6 +176,44 @@ def test_sm90_limits_fall_to_sm80_on_hopper():
     assert p["kernel"] is None, p
 
 
+@pytest.mark.parametrize("stride", [[9, 9], [9, 1], [1, 9], [16, 16]], ids=["9x9", "9x1", "1x9", "16x16"])
+def test_stride_above_8_never_takes_sm90(stride):
+    # The conv stride is the TMA im2col traversal stride, 1..8; CUTLASS's check of it is an
+    # assert that -DNDEBUG removes. The sm80 kernel (any stride) takes it, else the exact path.
+    shape = dict(input_shape=[2, 64, 40, 40], weight_shape=[64, 64, 3, 3], stride=stride, padding=[1, 1],
+                 dilation=[1, 1], groups=1)
+    p = plan(shape)
+    assert p["kernel"] == "sm80_f16_128x64x32", p
+    assert "sm90 kernel rejected" in p["reason"] and "traversal stride" in p["reason"], p
+    p = plan(shape, build=dict(sm90a=True, sm80_cubins=[80]))
+    assert p["kernel"] is None and "traversal stride" in p["reason"], p
+    assert plan(shape, device=A100)["kernel"] == "sm80_f16_128x64x32"
+
+
+def test_stride_8_still_takes_sm90():
+    shape = dict(input_shape=[2, 64, 40, 40], weight_shape=[64, 64, 3, 3], stride=[8, 8], padding=[1, 1],
+                 dilation=[1, 1], groups=1)
+    assert plan(shape)["kernel"] == "sm90_f16_128x64x64"
+
+
+def test_plan_follows_the_sm90_switch():
+    """cuda_conv_plan takes the run-time switch the op takes (tests/test_gpu.py's cutlass_family
+    fixture flips it): switched off, Hopper plans name the sm80 kernels, for the build asked
+    about and for this build alike; switched back on, sm90 again."""
+    shape = conv(64, 128)
+    previous = _C.cuda_conv_enable_sm90(False)
+    try:
+        p = plan(shape)
+        assert p["kernel"] == "sm80_f16_128x64x32" and "sm90" not in p["reason"], p
+        this_build = _C.cuda_conv_plan(**shape)["kernel"]
+        assert this_build is None or this_build.startswith("sm80_"), this_build
+    finally:
+        assert _C.cuda_conv_enable_sm90(previous) is False
+    assert plan(shape)["kernel"] == "sm90_f16_128x64x64"
+    if _C.cuda_conv_build()["sm90a"]:
+        assert _C.cuda_conv_plan(**shape)["kernel"] == "sm90_f16_128x64x64"
+
+
 @pytest.mark.parametrize(
     ("device", "build", "family"),
     [
@@ -227,15 +265,23 @@ def _cutlass_args(shape: dict) -> dict:
 CHECK_SHAPES = [s for s in RESNET50] + [
     conv(64, 128, stride=2), conv(64, 64, dilation=2, padding=2), conv(8, 64, r=7, h=32, stride=2, padding=3),
     conv(64, 64, padding=130), conv(12, 64), conv(64, 20), conv(64, 64, r=33, h=40, padding=16),
+    conv(64, 64, h=40, stride=9),
 ]
+
+
+def _plan_stricter_than_cutlass(family: str, shape: dict) -> bool:
+    """Where the plan refuses a kernel that CUTLASS's can_implement accepts, on purpose: sm90 and
+    a stride above 8, which only an assert() in CUTLASS (compiled out by -DNDEBUG) catches."""
+    return family == "sm90" and max(shape["stride"]) > 8
 
 
 @pytest.mark.skipif(not _extension.has_cuda_ops(), reason="CPU-only build: no CUTLASS kernels to ask")
 def test_plan_agrees_with_cutlass_can_implement():
     """For every kernel of this build, on every shape: the plan's per-family limits say yes
-    exactly when CUTLASS's own can_implement() does (run on the host, no GPU). Together with
-    the dtype/groups rules this means the plan never hands CUTLASS a problem it refuses, and
-    never sends one it could take to the exact path for a shape reason of its own making."""
+    exactly when CUTLASS's own can_implement() does (run on the host, no GPU), except for the
+    limits can_implement misses (_plan_stricter_than_cutlass). Together with the dtype/groups
+    rules this means the plan never hands CUTLASS a problem it refuses, and never sends one it
+    could take to the exact path for a shape reason of its own making."""
     checked = 0
     for kernel in _C.cuda_conv_kernels():
         if not kernel["built"]:
@@ -247,7 +293,10 @@ def test_plan_agrees_with_cutlass_can_implement():
             build = ALL_BUILT if family == "sm90" else dict(sm90a=False, sm80_cubins=[80, 90])
             p = plan(shape, kernel["dtype"], device, build)
             plan_says = p["kernel"] is not None and p["kernel"].startswith(family)
-            assert plan_says == cutlass_says, (kernel["name"], shape, p)
+            if _plan_stricter_than_cutlass(family, shape):
+                assert cutlass_says and not plan_says, (kernel["name"], shape, p)
+            else:
+                assert plan_says == cutlass_says, (kernel["name"], shape, p)
             checked += 1
     assert checked >= len(CHECK_SHAPES) * 4
 

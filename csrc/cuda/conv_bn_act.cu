@@ -162,9 +162,6 @@ const CutlassKernel* built_kernel(int config) {
 // fallbacks (exact path by shape/dtype/arch), then run-time fallbacks (CUTLASS
 // refused or the launch failed; the exact path ran instead).
 std::array<std::atomic<int64_t>, plan::kNumKernels + 2> dispatch_counts{};
-// Tests turn the sm90 family off to run the sm80 kernels (their sm_90 cubins)
-// on a Hopper GPU: cutlass_set_sm90_enabled below.
-std::atomic<bool> sm90_enabled{true};
 constexpr int kPlanFallback = plan::kNumKernels;
 constexpr int kRuntimeFallback = plan::kNumKernels + 1;
 
@@ -262,9 +259,7 @@ std::optional<at::Tensor> try_cutlass(const at::Tensor& input, const at::Tensor&
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.minor, cudaDevAttrComputeCapabilityMinor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.sm_count, cudaDevAttrMultiProcessorCount, device));
   static const plan::Build compiled = plan::compiled_build();
-  plan::Build build = compiled;
-  build.sm90a = build.sm90a && sm90_enabled.load();
-  const plan::Plan p = plan::plan_conv(s, dev, build);
+  const plan::Plan p = plan::plan_launch(s, dev, compiled);
   const CutlassKernel* kernel = built_kernel(p.kernel);
   if (kernel == nullptr) {
     ++dispatch_counts[kPlanFallback];
@@ -365,8 +360,6 @@ int cutlass_can_implement(int kernel, const cutlass_plan::ConvShape& shape) {
   const CutlassKernel* k = built_kernel(kernel);
   return k == nullptr ? -1 : (k->can_implement(shape) ? 1 : 0);
 }
-
-bool cutlass_set_sm90_enabled(bool enabled) { return sm90_enabled.exchange(enabled); }
 
 std::vector<int64_t> cutlass_dispatch_counts() {
   std::vector<int64_t> counts;
