@@ -1,17 +1,22 @@
 // The Python module resnet_fused._C: importing it loads this shared object,
 // which registers the ops (schemas in ops.cpp, kernels in cpu/ and cuda/);
 // the functions below are the extension's Python-only surface: what the
-// binary was built with, and the cuda backend's kernel choice, inspectable
-// without a GPU.
+// binary was built with, and the cuda backend's host-side decisions (kernel
+// choice, the sm80 scaled filter), inspectable without a GPU.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cutlass_plan.h"
+#include "epilogue.h"
 
 // What this binary was built with, for `resnet-fused info` and bug reports:
 // the macros come from setup.py.
@@ -118,6 +123,42 @@ pybind11::list cuda_conv_kernels() {
   return out;
 }
 
+// The sm80 kernels' scaled filter, made on the host with the epilogue.h
+// functions that conv_bn_act.cu's two filter passes run on the device.
+// weight: the filter in KRSC order, K rows of R*S*C values; scale: the (K,)
+// BN scale. Returns the 16-bit values the kernel reads, widened to float, and
+// the exponent e that the epilogue undoes.
+pybind11::dict cuda_sm80_scaled_filter(const std::vector<float>& weight, const std::vector<float>& scale,
+                                       const std::string& dtype) {
+  const plan::DType t = parse_dtype(dtype);
+  if (t != plan::DType::kHalf && t != plan::DType::kBFloat16) {
+    throw std::invalid_argument("dtype must be float16 or bfloat16, got " + dtype);
+  }
+  if (scale.empty() || weight.size() % scale.size() != 0) {
+    throw std::invalid_argument("weight must hold len(scale) = " + std::to_string(scale.size()) +
+                                " equal rows, got " + std::to_string(weight.size()) + " values");
+  }
+  const size_t inner = weight.size() / scale.size();
+  // The device takes an integer max over the float bits, where NaN ranks above
+  // everything: the same order here.
+  float max_abs = 0.0f;
+  for (size_t i = 0; i < weight.size(); ++i) {
+    const float m = resnet_fused::scaled_filter_magnitude(weight[i], scale[i / inner]);
+    if (!std::isnan(max_abs) && !(m <= max_abs)) max_abs = m;
+  }
+  const int e = resnet_fused::filter_scale_exponent(
+      max_abs, t == plan::DType::kHalf ? resnet_fused::kHalfMax : resnet_fused::kBFloat16Max);
+  std::vector<float> values(weight.size());
+  for (size_t i = 0; i < weight.size(); ++i) {
+    const float v = resnet_fused::scaled_filter_value(weight[i], scale[i / inner], e);
+    values[i] = t == plan::DType::kHalf ? static_cast<float>(c10::Half(v)) : static_cast<float>(c10::BFloat16(v));
+  }
+  pybind11::dict d;
+  d["values"] = values;
+  d["exponent"] = e;
+  return d;
+}
+
 #if defined(RESNET_FUSED_WITH_CUDA)
 // CUTLASS's own can_implement for one kernel, on the host: None if that
 // kernel is not in this build.
@@ -160,6 +201,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_conv_kernels", &cuda_conv_kernels, "Every CUTLASS kernel configuration and whether this build has it");
   m.def("cuda_conv_build", [] { return build_dict(plan::compiled_build()); },
         "The CUTLASS kernel families in this build: {sm90a: bool, sm80_cubins: [arch, ...]}");
+  m.def("cuda_sm80_scaled_filter", &cuda_sm80_scaled_filter, py::arg("weight"), py::arg("scale"),
+        py::arg("dtype") = "float16",
+        "The sm80 kernels' BN-scaled 16-bit filter, computed on the host: {values (KRSC, as floats), exponent e}; "
+        "the filter holds w * scale[k] * 2^-e and the epilogue multiplies by 2^e");
   m.def("cuda_conv_enable_sm90", [](bool enabled) { return plan::sm90_enabled().exchange(enabled); },
         py::arg("enabled"),
         "Let the cuda op and cuda_conv_plan pick the sm90 kernels (default) or not (tests: run the sm80 kernels on "

@@ -7,6 +7,7 @@
 // narrow on store, so the BN affine, residual add and ReLU round once.
 #pragma once
 
+#include <float.h>
 #include <math.h>
 
 #include <cstdint>
@@ -95,6 +96,46 @@ RF_HOST_DEVICE inline acc_t bn_residual_act(acc_t y, acc_t scale, acc_t shift, a
                                             bool apply_relu) {
   return residual_add_act(mul_rn(y, scale) + shift, residual, has_residual, apply_relu);
 }
+
+// ---------------------------------------------------------------------------
+// The sm80 CUTLASS kernels' scaled filter (cuda/cutlass/cutlass_sm80.cuh): the
+// BN scale is multiplied into a 16-bit copy of the filter, w * scale[k]. For a
+// channel with a tiny running variance that product can pass the dtype's
+// largest value and round to inf (and a dead input channel then turns
+// 0 * inf into NaN), where eager PyTorch, which scales the conv output in
+// fp32, stays finite. So the copy holds w * scale[k] * 2^-e, with e the
+// smallest exponent >= 0 that brings every product of the filter into range,
+// and the epilogue multiplies the fp32 accumulators by 2^e. Powers of two:
+// neither step rounds (except products pushed below the dtype's normal range),
+// and e = 0, every filter without the hazard, keeps the kernel's arithmetic
+// exactly as it was. One e per convolution, not per channel: the CUTLASS 2.x
+// epilogue has one per-channel vector, which carries the shift.
+
+// The largest finite float16 and bfloat16 values.
+inline constexpr float kHalfMax = 0x1.ffcp15f;      // 65504
+inline constexpr float kBFloat16Max = 0x1.fep127f;  // about 3.39e38
+
+// One filter element's |w * scale|; e follows from the largest over the filter.
+RF_HOST_DEVICE inline float scaled_filter_magnitude(float w, float scale) { return fabsf(mul_rn(w, scale)); }
+
+// e for a filter whose largest |w * scale| is max_abs, limit being the
+// dtype's largest value. inf or NaN (scale inf from var + eps == 0, or a NaN
+// parameter) gets 0: no exponent makes it finite, and the output is then
+// non-finite as eager's is.
+RF_HOST_DEVICE inline int filter_scale_exponent(float max_abs, float limit) {
+  if (!(max_abs <= FLT_MAX)) return 0;
+  int e = 0;
+  for (; max_abs > limit; ++e) max_abs *= 0.5f;
+  return e;
+}
+
+// One element of the scaled filter before its cast to the 16-bit dtype (the
+// kernel's only rounding of it): a value at most limit in magnitude, so the
+// cast stays finite.
+RF_HOST_DEVICE inline float scaled_filter_value(float w, float scale, int e) { return ldexpf(mul_rn(w, scale), -e); }
+
+// The epilogue's factor on the accumulators, 2^e.
+RF_HOST_DEVICE inline float filter_scale_gain(int e) { return ldexpf(1.0f, e); }
 
 // ---------------------------------------------------------------------------
 // Training-mode BatchNorm (the bn_act ops, csrc/bn_act.h). Same conventions:

@@ -328,6 +328,27 @@ def test_cutlass_reads_live_batch_norm():
     assert max_rel_error(second, expected) < 2e-2
 
 
+def test_cutlass_tiny_running_variance(cutlass_family):
+    """A channel with running_var 1e-8 over a dead input channel, where the sm80 kernel's scaled
+    float16 filter would overflow (tests/test_cuda_sm80_scaling.py): finite and within the rule."""
+    from test_cuda_sm80_scaling import EPS, tiny_variance_case
+
+    x, weight, bn = tiny_variance_case()
+    conv_args = {"stride": 1, "padding": 1, "dilation": 1}
+    x = x.cuda().half().contiguous(memory_format=torch.channels_last)
+    weight = weight.cuda().half()
+    bn = {k: v.cuda() for k, v in bn.items()}
+    exact = reference.conv_bn_act(
+        x.double(), weight.double(), None, *(t.double() for t in bn.values()), eps=EPS, **conv_args
+    )
+    unfused = reference.conv_bn_act(x, weight, None, *bn.values(), eps=EPS, **conv_args)
+    plan = _cuda_plan(x, weight, conv_args)
+    out, ran = _run_counted(x, weight, bn, None, conv_args, True)
+    assert plan["kernel"] is not None and plan["kernel"].startswith(cutlass_family) and ran == [plan["kernel"]]
+    assert torch.isfinite(out).all()
+    assert_low_precision_close(out, unfused, exact)
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_converted_resnet50_cuda_backend(dtype, channels_last):

@@ -4,8 +4,8 @@
 // is ONE implicit-GEMM launch whose epilogue applies BatchNorm, the residual
 // and the ReLU (cutlass/cutlass_sm90.cuh on H100/H200, cutlass/cutlass_sm80.cuh
 // on A100 and as the sm90 fallback), after a tiny per-channel launch that
-// folds the live BN tensors into scale/shift (and on sm80 a scaled copy of the
-// filter).
+// folds the live BN tensors into scale/shift (and on sm80 two passes over the
+// filter that make its scaled copy: its largest value, then the copy).
 //
 // Everywhere else (fp32/fp64, groups > 1, C or K not a multiple of 8, an arch
 // without a CUTLASS cubin, a misaligned pointer, or CUTLASS refusing the
@@ -215,17 +215,48 @@ bool well_formed(const at::Tensor& input, const at::Tensor& weight, const std::o
   return true;
 }
 
-// w * scale[k], once per filter element, into a KRSC copy (sm80 only).
-// w:     (K, R, S, C) KRSC dense, the live conv weight
-// scale: (K,) fp32 BN scale from bn_fold_kernel
-// out:   (K, R, S, C) KRSC dense, same dtype; rounded once, as mul_rn then a cast
-// inner: R*S*C elements per output channel; n = K * inner
+// The largest scaled_filter_magnitude over the filter (epilogue.h): what the
+// exponent e of the sm80 scaled filter follows from.
+// w, scale, inner, n: as scale_filter_kernel below; blockDim.x == kThreads
+// max_bits: one uint32, zero before the launch; receives the max's float bits.
+//   The bits of non-negative floats order as their values do (NaN above inf),
+//   so an integer max is a float max that keeps NaN; one atomic per block.
 template <typename scalar_t>
-__global__ void scale_filter_kernel(const scalar_t* __restrict__ w, const float* __restrict__ scale,
-                                    scalar_t* __restrict__ out, int64_t inner, int64_t n) {
+__global__ void filter_max_kernel(const scalar_t* __restrict__ w, const float* __restrict__ scale,
+                                  unsigned int* __restrict__ max_bits, int64_t inner, int64_t n) {
+  auto umax = [](unsigned int a, unsigned int b) { return a > b ? a : b; };
+  unsigned int m = 0;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
-    out[i] = static_cast<scalar_t>(mul_rn(static_cast<float>(w[i]), scale[i / inner]));
+    m = umax(m, __float_as_uint(scaled_filter_magnitude(static_cast<float>(w[i]), scale[i / inner])));
+  }
+  for (int offset = 16; offset > 0; offset /= 2) m = umax(m, __shfl_down_sync(0xffffffffu, m, offset));
+  __shared__ unsigned int warp_max[kThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kThreads / 32; ++i) m = umax(m, warp_max[i]);
+    atomicMax(max_bits, m);
+  }
+}
+
+// w * scale[k] * 2^-e, once per filter element, into a KRSC copy (sm80 only);
+// e keeps every value within the dtype's range (epilogue.h).
+// w:        (K, R, S, C) KRSC dense, the live conv weight
+// scale:    (K,) fp32 BN scale from bn_fold_kernel
+// max_bits: filter_max_kernel's result; limit: the dtype's largest value
+// exponent: one int, e, written for the CUTLASS epilogue, which multiplies by 2^e
+// out:      (K, R, S, C) KRSC dense, same dtype; rounded as mul_rn then a cast
+// inner:    R*S*C elements per output channel; n = K * inner
+template <typename scalar_t>
+__global__ void scale_filter_kernel(const scalar_t* __restrict__ w, const float* __restrict__ scale,
+                                    const unsigned int* __restrict__ max_bits, float limit, int* __restrict__ exponent,
+                                    scalar_t* __restrict__ out, int64_t inner, int64_t n) {
+  const int e = filter_scale_exponent(__uint_as_float(*max_bits), limit);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *exponent = e;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    out[i] = static_cast<scalar_t>(scaled_filter_value(static_cast<float>(w[i]), scale[i / inner], e));
   }
 }
 
@@ -294,16 +325,27 @@ std::optional<at::Tensor> try_cutlass(const at::Tensor& input, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor filter = w;
+  // sm80: [0] the filter's largest |w * scale| as float bits, [1] the
+  // exponent e of its 2^-e (epilogue.h); zeroed for the atomic max.
+  at::Tensor filter_stats;
   if (plan::kKernels[p.kernel].arch == plan::Arch::kSm80) {
     // sm80 applies the scale through the filter (see cutlass/cutlass_sm80.cuh).
     filter = at::empty_like(w, cl);
+    filter_stats = at::zeros({2}, input.options().dtype(at::kInt));
+    auto* max_bits = reinterpret_cast<unsigned int*>(filter_stats.mutable_data_ptr<int32_t>());
+    int* exponent = filter_stats.mutable_data_ptr<int32_t>() + 1;
+    const float limit = w.scalar_type() == at::kHalf ? kHalfMax : kBFloat16Max;
     const int64_t n = w.numel();
     const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
     AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "conv_bn_act_scale_filter", [&] {
+      filter_max_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(w.const_data_ptr<scalar_t>(), scale, max_bits,
+                                                                    n / s.K, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       scale_filter_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          w.const_data_ptr<scalar_t>(), scale, filter.mutable_data_ptr<scalar_t>(), n / s.K, n);
+          w.const_data_ptr<scalar_t>(), scale, max_bits, limit, exponent, filter.mutable_data_ptr<scalar_t>(),
+          n / s.K, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   const size_t workspace_bytes = kernel->workspace_size(s);
@@ -319,6 +361,7 @@ std::optional<at::Tensor> try_cutlass(const at::Tensor& input, const at::Tensor&
   launch.out = out.mutable_data_ptr();
   launch.scale = scale;
   launch.shift = shift;
+  launch.exponent = filter_stats.defined() ? filter_stats.const_data_ptr<int32_t>() + 1 : nullptr;
   launch.relu = relu;
   launch.workspace = workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr;
   launch.stream = stream.stream();

@@ -19,11 +19,12 @@ namespace resnet_fused {
 struct ConvLaunch {
   cutlass_plan::ConvShape shape;
   const void* x;         // input    (N, H, W, C) NHWC
-  const void* w;         // filter   (K, R, S, C) KRSC; on sm80 already multiplied by scale[k]
+  const void* w;         // filter   (K, R, S, C) KRSC; on sm80 already multiplied by scale[k] * 2^-e
   const void* residual;  // residual (N, P, Q, K) NHWC, or nullptr
   void* out;             // output   (N, P, Q, K) NHWC
   const float* scale;    // (K,) BN scale, fp32; read by the sm90 epilogue only
   const float* shift;    // (K,) BN shift (conv bias folded in), fp32
+  const int* exponent;   // sm80: e of the filter's 2^-e (epilogue.h), one int of device memory; nullptr: e = 0
   bool relu;
   void* workspace;       // workspace_size(shape) bytes of device memory, or nullptr when 0
   cudaStream_t stream;

@@ -2,20 +2,24 @@
 // where it takes the shapes the sm90 kernel's TMA cannot): implicit GEMM whose
 // epilogue adds the BN shift and the residual and applies the ReLU:
 //
-//   out[m, k] = act(acc[m, k] + shift[k] [+ residual[m, k]])
+//   out[m, k] = act(acc[m, k] * 2^e + shift[k] [+ residual[m, k]])
 //
-// with acc = conv(x, w * scale[k]): the per-channel BN scale is folded into a
-// scaled copy of the filter that conv_bn_act.cu makes on the device on every
-// call (K*R*S*C elements). Why a weight copy and not a per-channel scale in the
-// epilogue: CUTLASS 2.x's fused conv epilogue (EpilogueWithBroadcast) hands
-// the output functor one broadcast vector per column, which here carries the
-// shift; a second per-channel vector would need a conv kernel of our own around
-// the visitor epilogue, which CUTLASS 4.2 provides for GEMMs only and which
-// could not be run on a GPU here. The scaled copy rounds w * scale to 16 bits
-// once per weight; a CPU simulation of that rounding over the ResNet-50 conv
-// shapes gave at most 0.92x the error of unfused PyTorch in fp16 and bf16
-// (the test rule allows 2x). The copy is also where an NCHW weight becomes
-// KRSC, which the kernel needs anyway.
+// with acc = conv(x, w * scale[k] * 2^-e): the per-channel BN scale is folded
+// into a scaled copy of the filter that conv_bn_act.cu makes on the device on
+// every call (K*R*S*C elements). e is 0 unless some w * scale[k] would
+// overflow the 16-bit dtype (a channel with a tiny running variance); then it
+// is the smallest exponent that keeps the copy finite (epilogue.h).
+//
+// Why a weight copy and not a per-channel scale in the epilogue: CUTLASS 2.x's
+// fused conv epilogue (EpilogueWithBroadcast) hands the output functor one
+// broadcast vector per column, which here carries the shift; a second
+// per-channel vector would need a conv kernel of our own around the visitor
+// epilogue, which CUTLASS 4.2 provides for GEMMs only and which could not be
+// run on a GPU here. The scaled copy rounds w * scale to 16 bits once per
+// weight; a CPU simulation of that rounding over the ResNet-50 conv shapes gave
+// at most 0.92x the error of unfused PyTorch in fp16 and bf16 (the test rule
+// allows 2x). The copy is also where an NCHW weight becomes KRSC, which the
+// kernel needs anyway.
 //
 // The output functor is our own (BiasResidualAct below) rather than CUTLASS's
 // LinearCombinationResidualBlock: that one always reads the residual
@@ -42,8 +46,9 @@ namespace resnet_fused {
 namespace sm80 {
 
 // The output functor of cutlass::epilogue::threadblock::EpilogueWithBroadcast
-// (single-source form): Z = act(AB + V [+ C]) for kN consecutive channels,
-// AB the fp32 accumulators, V the broadcast shift (fp32), C the residual.
+// (single-source form): Z = act(AB * 2^e + V [+ C]) for kN consecutive
+// channels, AB the fp32 accumulators, V the broadcast shift (fp32), C the
+// residual, 2^e undoing the filter's 2^-e.
 // Members mirror LinearCombinationResidualBlock, which the epilogue templates
 // (and DefaultConv2dFprop's plain epilogue typedefs) expect.
 template <typename Element, int kN>
@@ -74,10 +79,14 @@ class BiasResidualAct {
   struct Params {
     bool has_residual = false;
     bool relu = false;
+    const int* exponent = nullptr;  // e, in device memory (conv_bn_act.cu writes it); nullptr: e = 0
   };
 
+  // Constructed only inside the kernel (CUTLASS's device-side epilogue), so
+  // the device pointer is read where it is valid, once per thread.
   CUTLASS_HOST_DEVICE
-  explicit BiasResidualAct(Params const& params) : params_(params) {}
+  explicit BiasResidualAct(Params const& params)
+      : params_(params), gain_(params.exponent != nullptr ? filter_scale_gain(*params.exponent) : 1.0f) {}
 
   // The residual is read only when there is one; without it the epilogue
   // takes its source-free path and never touches C.
@@ -95,7 +104,8 @@ class BiasResidualAct {
     cutlass::NumericConverter<ElementZ, float, cutlass::FloatRoundStyle::round_to_nearest> to_out;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
-      frag_Z[i] = to_out(residual_add_act<float>(AB[i] + V[i], static_cast<float>(frag_C[i]), true, params_.relu));
+      frag_Z[i] = to_out(
+          residual_add_act<float>(mul_rn(AB[i], gain_) + V[i], static_cast<float>(frag_C[i]), true, params_.relu));
     }
   }
 
@@ -105,12 +115,13 @@ class BiasResidualAct {
     cutlass::NumericConverter<ElementZ, float, cutlass::FloatRoundStyle::round_to_nearest> to_out;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
-      frag_Z[i] = to_out(residual_add_act<float>(AB[i] + V[i], 0.0f, false, params_.relu));
+      frag_Z[i] = to_out(residual_add_act<float>(mul_rn(AB[i], gain_) + V[i], 0.0f, false, params_.relu));
     }
   }
 
  private:
   Params params_;
+  float gain_;  // 2^e; exactly 1 for e = 0, so AB * gain_ is then AB
 };
 
 // Element: cutlass::half_t or cutlass::bfloat16_t. TileN: output channels per
@@ -159,6 +170,7 @@ struct FpropBnAct {
     typename OutputOp::Params op;
     op.has_residual = l.residual != nullptr;
     op.relu = l.relu;
+    op.exponent = l.exponent;
     return Arguments(size, {x, act_layout}, {w, flt_layout}, {c, out_layout}, {out, out_layout}, op,
                      cutlass::conv::SplitKMode::kSerial,
                      /*ptr_Vector=*/const_cast<float*>(l.shift), /*ptr_Tensor=*/nullptr,
