@@ -224,7 +224,8 @@ def conv_bn_stats_triton(
 
 
 def launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32, config: triton.Config | None = None):
-    """The op's body. ``config`` bypasses the autotuner (tests run every config this way)."""
+    """The op's body. ``config`` bypasses the autotuner (tests run every config this way), as
+    autotuning switched off does (``conv_bn_act.fixed_config``)."""
     y = empty_output(x, weight, stride, padding, dilation)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
@@ -238,12 +239,13 @@ def launch(x, weight, bias, stride, padding, dilation, groups, allow_tf32, confi
     x_cl = x.contiguous(memory_format=torch.channels_last)
     weight_cl = weight.contiguous(memory_format=torch.channels_last)
     y_cl = y if y.is_contiguous(memory_format=torch.channels_last) else torch.empty_like(y, memory_format=torch.channels_last)
+    tile_c, tile_k, tiles_per_group = _conv.group_grid(c, k, groups)
+    config = config if config is not None else _conv.fixed_config(x.dtype, tile_c, tile_k)
     # Sized before the autotuner picks a config: for the smallest tile any config may use.
     tiles = triton.cdiv(m, min_block_m([config] if config is not None else conv_bn_stats_fwd_kernel.configs))
     partials = _empty_partials(tiles, k, x.device)
     tile_rows = torch.empty((1,), dtype=torch.int32, device=x.device)
     use_int64 = max(span(t) for t in (x_cl, weight_cl, y_cl, partials)) > INT32_MAX
-    tile_c, tile_k, tiles_per_group = _conv.group_grid(c, k, groups)
     args = (
         x_cl, weight_cl, bias.contiguous() if bias is not None else mean, y_cl, *partials, tile_rows,
         m, n, c, h, w, k, p, q, tile_c, tile_k,
