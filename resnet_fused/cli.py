@@ -272,11 +272,26 @@ def verify(args: argparse.Namespace) -> int:
     names = [n for item in args.backend for n in item.split(",")] if args.backend else None
     batch, size = args.batch or (8 if gpu else 2), args.size or (224 if gpu else 64)
 
+    # The CSV gets each check as it comes, so a run cut short (a time limit) keeps what it checked.
+    try:
+        csv_file = open(args.csv, "w", newline="") if args.csv else None
+    except OSError as error:
+        return _fail(f"cannot write --csv {args.csv}: {error.strerror}", "verify")
+    writer = None
+
     def show(check):
+        nonlocal writer
         verdict = "SKIP" if check.skipped else "PASS" if check.ok else "FAIL"
         print(f"{verdict}  {check.backend:<7} {check.dtype:<5} {check.mode:<5} {check.unit:<40} "
               f"ratio {check.ratio:6.2f}  fused {check.fused_ms:8.3f} ms  unfused {check.unfused_ms:8.3f} ms"
               + (f"  {check.detail}" if not check.ok or check.skipped else ""), flush=True)
+        if csv_file is not None:
+            row = dataclasses.asdict(check)
+            if writer is None:
+                writer = csv.DictWriter(csv_file, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            csv_file.flush()
 
     print(f"resnet-fused verify: {device}, batch {batch}, {size}x{size}, dtypes {', '.join(dtypes)} "
           f"(ratio: fused error / allowed error, pass <= 1)")
@@ -284,10 +299,11 @@ def verify(args: argparse.Namespace) -> int:
         checks = run_verify(device, dtypes, names, batch, size, reps=args.reps, progress=show)
     except ValueError as error:
         return _fail(str(error), "verify")
+    finally:
+        if csv_file is not None:
+            csv_file.close()
     failed = [c for c in checks if not c.ok]
     print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" + (f"; {len(failed)} FAILED" if failed else ""))
-    if args.csv:
-        _write_rows(Path(args.csv), [dataclasses.asdict(c) for c in checks])
     if not checks:
         return _fail(f"no fused backend runs on {device} here", "verify")
     return 1 if failed else 0
