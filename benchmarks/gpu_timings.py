@@ -4,7 +4,11 @@ Per conv shape (batch 64, fp16, channels_last, eval), side by side in one run:
   - fused ops:  Triton conv_bn_act, and the C++ "cuda" op (cuDNN conv + one BN/residual/ReLU pass)
   - unfused:    eager cuDNN conv → batch_norm → [+ residual] → relu
   - conv alone: eager cuDNN conv2d, the floor any fusion is measured against
-End to end: ResNet-50 eval (batch 256, fp16, channels_last), eager vs each fused backend.
+End to end: ResNet-50 eval (batch 256, fp16, channels_last), eager vs each fused backend, with
+its BatchNorm layers in fp32 as in the per-shape timings: Triton's autotune key holds every
+tensor's dtype, so fp16 BN buffers would re-tune every conv already tuned above. The tuning
+itself is bounded by RESNET_FUSED_AUTOTUNE=N (the first N configs per tile class), recorded in
+the header.
 
 Writes timings.csv and timings.md (with GPU name, date, commit, torch/triton versions) to --out.
 Timing: CUDA events around `reps` back-to-back calls, variants interleaved round by round, median
@@ -33,6 +37,7 @@ import triton
 import resnet_fused
 from resnet_fused import FusedConv2d
 from resnet_fused.bench.models import bench_model, fused_backends_for
+from resnet_fused.ops.triton import conv_bn_act as triton_op
 
 HERE = Path(__file__).resolve().parent
 
@@ -140,6 +145,8 @@ def environment(device) -> dict[str, str]:
         "triton": triton.__version__,
         "cuda": str(torch.version.cuda),
         "python": platform.python_version(),
+        "autotune": {None: "all configs", 0: "off (first config)", 1: "off (first config)"}.get(
+            triton_op.autotune_limit(), f"first {triton_op.autotune_limit()} configs per tile class"),
     }
 
 
@@ -197,7 +204,9 @@ def main() -> int:
     # Whole-network time weights each shape by its count; the sum is over fused convs only.
     totals = {name.removesuffix(" us"): sum(r[name] * r["count"] for r in rows) for name in rows[0] if name.endswith(" us")}
 
-    e2e = bench_model(torchvision.models.resnet50(), args.e2e_batch, args.size, device, dtype, True, warmup=3, rounds=args.rounds)
+    e2e = bench_model(torchvision.models.resnet50(), args.e2e_batch, args.size, device, dtype, True, warmup=3,
+                      rounds=args.rounds, bn_dtype=torch.float32,
+                      progress=lambda done, total, what: print(f"end to end: {done}/{total} {what}", flush=True))
     with open(args.out / "resnet50_e2e.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "median ms", "img/s", "speedup", "max abs diff vs eager"])
@@ -211,7 +220,8 @@ def main() -> int:
     md.append("|" + "---|" * len(rows[0]))
     md += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
     md += ["", "Sum over one forward pass (each shape times its count), µs: " + ", ".join(f"{k} {v:.0f}" for k, v in totals.items()), ""]
-    md += [f"## ResNet-50 end to end: batch {args.e2e_batch}, {args.size}x{args.size}, {args.dtype}, channels_last, eval", "",
+    md += [f"## ResNet-50 end to end: batch {args.e2e_batch}, {args.size}x{args.size}, {args.dtype} (BatchNorm in fp32), "
+           "channels_last, eval", "",
            "| variant | median ms | img/s | speedup | max abs diff vs eager |", "|---|---|---|---|---|"]
     md += [f"| {r.name} | {r.median_s * 1e3:.2f} | {r.images_per_s:.1f} | {r.speedup:.3f} | {r.max_abs_diff:.2e} |" for r in e2e]
     (args.out / "timings.md").write_text("\n".join(md) + "\n")

@@ -227,6 +227,7 @@ def bench_model(
     backends: list[str] | None = None,
     frozen: bool = True,
     tf32: bool = False,
+    bn_dtype: torch.dtype | None = None,
     flops_per_image: float | None = None,
     peaks: Peaks | None = None,
     progress: Progress | None = None,
@@ -236,7 +237,10 @@ def bench_model(
     ``with_compile``), ``convert(model, backend=b)`` for each fused backend (``backends``:
     default all that run on ``device``) and, for CPU inference, ``freeze(model)``; the fused,
     compiled and frozen variants use ``channels_last`` as given. The first result is the
-    baseline of ``speedup``."""
+    baseline of ``speedup``. ``bn_dtype`` (inference): the BatchNorm layers' parameters and
+    buffers in that dtype rather than the run's, as AMP keeps them (fp32 BN in an fp16 model also
+    keeps the Triton kernels' autotune key, which holds every tensor's dtype, the same as
+    fp32-BN per-layer timings)."""
     train = mode == "train"
     gpu = device.type == "cuda"
     cl = torch.channels_last
@@ -251,6 +255,10 @@ def bench_model(
     # AMP keeps fp32 parameters and autocasts; inference runs the model in the dtype itself.
     param_dtype = torch.float32 if train else dtype
     base = model.train(train).to(device=device, dtype=param_dtype)
+    if bn_dtype is not None and not train:
+        for module in base.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.to(bn_dtype)
     g = torch.Generator().manual_seed(0)
     x_cpu = torch.randn(batch, 3, size, size, generator=g)
     x = x_cpu.to(device, param_dtype)
