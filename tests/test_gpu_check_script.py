@@ -134,3 +134,12 @@ def test_gpu_order_ranks_the_informative_tests_first(request):
         "test_cutlass_op_matches_reference[sm90-x]",
     )]
     assert ranks[0] < ranks[1] == ranks[2] < ranks[3] < ranks[4] < ranks[5]
+
+
+@pytest.mark.skipif(sys.version_info[:2] == (3, 12), reason="this Python is a 3.12: the script would build")
+def test_the_prebuilt_extension_script_refuses_a_python_other_than_312(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_gpu_extension.sh"), sys.executable, "--check"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "GPU_EXT_VENV": str(tmp_path / "venv")})
+    assert result.returncode == 2 and "needs CPython 3.12" in result.stderr and "is not a Python 3.12" in result.stderr
+    assert not (tmp_path / "venv").exists()
