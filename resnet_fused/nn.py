@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import backends, functional
 from .ops import reference
@@ -134,6 +134,8 @@ class FusedConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(x, fx.Proxy) or isinstance(residual, fx.Proxy):
+            return self._record(x, residual)
         bn = self.folded_bn
         backend = backends.resolve(self.backend, x.device)
         weight, bias = self.weight, self.bias
@@ -165,6 +167,23 @@ class FusedConv2d(nn.Conv2d):
             padding, dilation, self.groups, self.relu, backend, isinstance(bn, FoldedSyncBatchNorm),
             getattr(bn, "process_group", None),
         )
+
+    def _record(self, x, residual) -> fx.Proxy:
+        """While torch.fx traces a model: this call as one ``call_module`` node, as a tracer
+        records a leaf module (the fused op dispatches on device and dtype, which a Proxy does
+        not have), then the folded BatchNorm, an identity, applied to its result. That second
+        node keeps the BatchNorm (its parameters and buffers, in its original slot) in a
+        GraphModule built from the trace, which holds only the modules its nodes name."""
+        tracer = (x if isinstance(x, fx.Proxy) else residual).tracer
+        path = tracer.path_of_module(self)
+        if not path:
+            raise RuntimeError("a FusedConv2d cannot be the root of an fx trace: trace the model that holds it")
+        out = tracer.create_proxy("call_module", path, (x,), {} if residual is None else {"residual": residual})
+        try:
+            bn_path = tracer.path_of_module(self.folded_bn)
+        except NameError:
+            return out  # a BatchNorm registered nowhere in the traced model: it goes along as our attribute
+        return tracer.create_proxy("call_module", bn_path, (out,), {})
 
     def _fusable(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether a fused op computes what the unfused modules would here."""

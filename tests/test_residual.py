@@ -377,3 +377,38 @@ def test_partly_frozen_half_and_ddp(tmp_path):
         assert max_rel_error(ddp.module[0].weight.grad, model[0].weight.grad) < 1e-4
     finally:
         dist.destroy_process_group()
+
+
+class OptionalShortcut(nn.Module):
+    """timm's DLA blocks: ``forward(x, shortcut=None)``. fx traces the default only, so a rewrite
+    would bake ``shortcut = x`` into every call, also one that passes its own shortcut."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return self.relu(self.bn(self.conv(x)) + shortcut)
+
+
+class CallsWithShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = OptionalShortcut()
+
+    def forward(self, x):
+        return self.block(x, torch.zeros_like(x))
+
+
+def test_a_forward_with_optional_arguments_is_never_rewritten():
+    model = randomize_batch_norms(CallsWithShortcut()).eval()
+    converted = resnet_fused.convert(model, backend="reference")
+    assert "forward" not in converted.block.__dict__
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-6
+        assert max_rel_error(converted.block(x), model.block(x)) < 1e-6

@@ -123,7 +123,8 @@ def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Trace
     # A forward may branch on self.training; a chain must hold in both modes.
     graphs = traces.of(parent)
     if None in graphs:
-        untraceable = f"the forward of {type(parent).__name__} cannot be traced by torch.fx, or assigns module attributes"
+        untraceable = f"the forward of {type(parent).__name__} cannot be traced by torch.fx, takes more than one " \
+                      "argument, or assigns module attributes"
         return {**{name: untraceable for name in convs}, **why_not}
     (eval_chains, eval_why), (train_chains, train_why) = (_chains(parent, g, shared) for g in graphs)
     # A conv that can never be fused keeps that reason; the others get what the trace of the

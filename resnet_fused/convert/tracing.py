@@ -5,6 +5,7 @@ conversion (``Traces``) and shared by the chain, residual and write-freedom pass
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -110,7 +111,11 @@ def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
     be traced, or if the forward assigns module attributes (``self.last = y``, ``self.calls +=
     1``): generated code would drop those, so the forward is left alone, and what tracing
     assigned (Proxies) is undone. Only the traced-through modules switch mode (leaves do not run
-    while tracing)."""
+    while tracing). Also None for a forward that takes more than one argument: fx traces the
+    defaults only (``if shortcut is None: shortcut = x`` becomes the code of every call), so a
+    rewrite would compute something else when the caller passes them (timm's DLA blocks)."""
+    if not _one_argument(type(root).forward):
+        return None
     traced = traced_through(root)
     modes = [m.training for m in traced]
     before = []
@@ -130,6 +135,15 @@ def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
                     live.update(saved)
         for m, mode in zip(traced, modes):
             m.training = mode
+
+
+def _one_argument(forward) -> bool:
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 1 and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                           inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
