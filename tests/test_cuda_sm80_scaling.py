@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_low_precision_close
-from resnet_fused import _extension, reference
+from resnet_fused import _extension
+from resnet_fused.ops import reference
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpu_ops(), reason=f"extension not built: {_extension.LOAD_ERROR}")
 
