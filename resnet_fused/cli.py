@@ -1,11 +1,13 @@
-"""The ``resnet-fused`` console script: ``info``, ``bench`` and ``verify``.
+"""The ``resnet-fused`` console script: ``info``, ``bench``, ``verify`` and ``zoo``.
 
 ``bench`` compares, on this machine's device and in one process, the unfused model (eager NCHW
 and channels_last), torch.compile, each fused backend and (CPU inference) the frozen model; see
 ``resnet_fused/bench/models.py`` for what each variant is and how it is timed. A request that cannot
 run here (unknown model, a backend or dtype the device lacks, batch < 1) gets a one-line error
 and exit status 2. ``verify`` checks every fused backend here against the reference over the
-ResNet-50 conv units (bench/verify.py) and exits with status 1 on any failure.
+ResNet-50 conv units (bench/verify.py) and exits with status 1 on any failure. ``zoo`` converts
+torchvision and timm architectures and checks each against the original (bench/zoo.py), one CSV
+row per model, and exits with status 1 if any disagrees.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime
 import json
 import os
 import platform
@@ -309,6 +312,51 @@ def verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+ZOO_FIELDS = ["model", "equal_eval", "rel_error", "size", "equal_second_size", "rel_error_second",
+              "state_dict_unchanged", "equal_train", "train_ratio", "train_note", "error", "bn_total", "bn_unfused",
+              "fused_fraction", "reasons", "seconds", "cpu_seconds"]
+
+
+def zoo(args: argparse.Namespace) -> int:
+    from .bench import zoo as zoo_check
+
+    if args.threads < 0:
+        return _fail("--threads must be >= 0", "zoo")
+    if args.threads:
+        # Small ops on a few cores: OpenMP threads waiting for each other can cost 10x.
+        torch.set_num_threads(args.threads)
+    names = args.names or (zoo_check.full_sweep() if args.full else zoo_check.ZOO_SUBSET)
+    path = Path(args.csv or f"zoo-{datetime.date.today().isoformat()}.csv")
+    done = set()
+    if args.resume and path.exists():
+        with open(path, newline="") as f:
+            done = {row["model"] for row in csv.DictReader(f)}
+    try:
+        # Rows are appended as they come: the full sweep takes hours, and --resume goes on from here.
+        csv_file = open(path, "a" if done else "w", newline="")
+    except OSError as error:
+        return _fail(f"cannot write --csv {path}: {error.strerror}", "zoo")
+    writer = csv.DictWriter(csv_file, fieldnames=ZOO_FIELDS)
+    if not done:
+        writer.writeheader()
+    todo = [n for n in names if n not in done]
+    print(f"resnet-fused zoo: {len(todo)} models on the {args.backend} backend"
+          + (f" ({len(done)} already in {path})" if done else "") + f"; rows in {path}", flush=True)
+    disagree = 0
+    with csv_file:
+        for i, name in enumerate(todo, 1):
+            row = zoo_check.check_model(name, backend=args.backend, train=not args.no_train)
+            found = zoo_check.problems(row)
+            disagree += bool(found)
+            writer.writerow({**row, "reasons": json.dumps(row["reasons"])})
+            csv_file.flush()
+            fused = "-" if row["fused_fraction"] is None else f"{row['fused_fraction']:.0%}"
+            print(f"[{i}/{len(todo)}] {'FAIL' if found else 'ok  '} {name:<50} fused {fused:>4}  "
+                  f"{row['cpu_seconds']:7.1f} cpu-s" + (f"  {'; '.join(found)}" if found else ""), flush=True)
+    print(f"{len(todo) - disagree} of {len(todo)} models agree with their conversion")
+    return 1 if disagree else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="resnet-fused", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -355,11 +403,25 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--reps", type=int, default=3, help="timed calls per check (median; default 3)")
     v.add_argument("--interpret", action="store_true", help="run Triton under its interpreter (CPU; with --backend triton)")
     v.add_argument("--csv", metavar="PATH", help="also write every check as CSV")
+    z = commands.add_parser(
+        "zoo", help="convert torchvision/timm architectures and check each against the original (exit 1 on any difference)",
+        description="For each model (random weights and BatchNorm statistics): eval outputs at two sizes, state_dict, "
+                    "exceptions, one training step against float64, and how many BatchNorm calls still run unfused "
+                    "and why. Default: the 25-model subset CI runs; --full: one architecture per family (hours).")
+    z.add_argument("names", nargs="*", help="torchvision:<builder> or timm:<architecture> (default: the CI subset)")
+    z.add_argument("--full", action="store_true", help="every torchvision/timm family with a BatchNorm")
+    z.add_argument("--backend", default="cpu", help="fused backend (default cpu)")
+    z.add_argument("--no-train", dest="no_train", action="store_true", help="skip the training step")
+    z.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
+    z.add_argument("--csv", metavar="PATH", help="the table (default zoo-<date>.csv)")
+    z.add_argument("--resume", action="store_true", help="skip the models already in --csv and append")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     if args.command == "verify":
         return verify(args)
+    if args.command == "zoo":
+        return zoo(args)
     if args.rounds is not None and args.rounds < 1:
         return _fail("--rounds must be >= 1")
     if args.warmup is not None and args.warmup < 0:

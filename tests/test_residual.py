@@ -412,3 +412,38 @@ def test_a_forward_with_optional_arguments_is_never_rewritten():
     with torch.no_grad():
         assert max_rel_error(converted(x), model(x)) < 1e-6
         assert max_rel_error(converted.block(x), model.block(x)) < 1e-6
+
+
+class CachingBlock(TextbookBlock):
+    """Caches a tensor derived from a parameter per device in a dict, as timm's efficientvit_msra
+    attention caches its biases: tracing ran the forward with Proxies and left one in the cache,
+    and the converted model then failed to deepcopy or pickle."""
+
+    def __init__(self):
+        super().__init__(6, 6)
+        self.gain = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.gain.detach() * 2.0
+        out = self.conv2(self.conv1(x)) * self.cache[key]
+        out += x
+        return self.relu(out)
+
+
+def test_forward_that_writes_into_module_containers_is_left_alone_and_untouched():
+    block = randomize_batch_norms(CachingBlock(), torch.Generator().manual_seed(9)).eval()
+    converted, report = resnet_fused.convert(block, backend="cpu", report=True)
+    assert converted.cache == {}  # nothing tracing wrote is left
+    # The Sequentials' own chains fuse; the block's forward, which writes its cache, is kept.
+    assert converted.conv1[0].relu and "forward" not in converted.__dict__ and report.residuals_fused == 0
+    x = torch.randn(2, 6, 5, 4)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), block(x)) < 1e-6
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        buffer.seek(0)
+        for other in (copy.deepcopy(converted), torch.load(buffer, weights_only=False)):
+            assert max_rel_error(other(x), block(x)) < 1e-6

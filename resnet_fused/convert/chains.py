@@ -124,7 +124,7 @@ def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Trace
     graphs = traces.of(parent)
     if None in graphs:
         untraceable = f"the forward of {type(parent).__name__} cannot be traced by torch.fx, takes more than one " \
-                      "argument, or assigns module attributes"
+                      "argument, or changes module state (assigns attributes, writes into its dicts/lists/sets)"
         return {**{name: untraceable for name in convs}, **why_not}
     (eval_chains, eval_why), (train_chains, train_why) = (_chains(parent, g, shared) for g in graphs)
     # A conv that can never be fused keeps that reason; the others get what the trace of the

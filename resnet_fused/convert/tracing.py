@@ -108,10 +108,13 @@ def leaves(root: nn.Module):
 
 def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
     """fx graph of ``root``'s class forward as it runs in train or eval mode; None if it cannot
-    be traced, or if the forward assigns module attributes (``self.last = y``, ``self.calls +=
-    1``): generated code would drop those, so the forward is left alone, and what tracing
-    assigned (Proxies) is undone. Only the traced-through modules switch mode (leaves do not run
-    while tracing). Also None for a forward that takes more than one argument: fx traces the
+    be traced, or if the forward changes module state: assigns attributes (``self.last = y``,
+    ``self.calls += 1``) or writes into a dict, list or set a module holds (a cache:
+    ``self.cache[key] = ...``, as timm's efficientvit_msra attention does). Generated code would
+    drop such writes, and a forward that reads its own state may run other code on later calls
+    than the traced one, so it is left alone; what tracing wrote (Proxies, which made the model
+    fail to deepcopy or pickle) is undone. Only the traced-through modules switch mode (leaves
+    do not run while tracing). Also None for a forward that takes more than one argument: fx traces the
     defaults only (``if shortcut is None: shortcut = x`` becomes the code of every call), so a
     rewrite would compute something else when the caller passes them (timm's DLA blocks)."""
     if not _one_argument(type(root).forward):
@@ -122,17 +125,14 @@ def trace_in_mode(root: nn.Module, training: bool) -> fx.Graph | None:
     try:
         for m in traced:
             m.training = training
-        before = [_attributes(m) for m in traced]
+        before = [_state(m) for m in traced]
         graph = SequentialsTraced().trace(root)
-        return graph if all(_same(_attributes(m), b) for m, b in zip(traced, before)) else None
+        return graph if all(_unchanged(m, saved) for m, saved in zip(traced, before)) else None
     except Exception:  # data-dependent control flow and the like: leave it alone
         return None
     finally:
-        for m, attributes in zip(traced, before):
-            if not _same(_attributes(m), attributes):
-                for live, saved in zip((m.__dict__, *(getattr(m, r) for r in _REGISTRIES)), attributes):
-                    live.clear()
-                    live.update(saved)
+        for m, saved in zip(traced, before):
+            _restore(m, saved)
         for m, mode in zip(traced, modes):
             m.training = mode
 
@@ -147,6 +147,7 @@ def _one_argument(forward) -> bool:
 
 
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
+_CONTAINER_DEPTH = 3  # how deep containers inside containers are watched
 
 
 def _attributes(module: nn.Module) -> list[dict]:
@@ -154,8 +155,59 @@ def _attributes(module: nn.Module) -> list[dict]:
     return [dict(module.__dict__), *(dict(getattr(module, r)) for r in _REGISTRIES)]
 
 
+def _state(module: nn.Module) -> tuple[list[dict], list[tuple]]:
+    """What a forward could write: its ``_attributes``, and a copy of every dict, list or set
+    reachable from its attributes (through containers only), paired with the live container."""
+    containers, seen = [], set()
+
+    def visit(value, depth):
+        if depth > _CONTAINER_DEPTH or id(value) in seen or not isinstance(value, (dict, list, set)):
+            return
+        seen.add(id(value))
+        # The base types' copies: a subclass constructor may want other arguments (defaultdict).
+        snapshot = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else set(value)
+        containers.append((value, snapshot))
+        for item in (value.values() if isinstance(value, dict) else value):
+            visit(item, depth + 1)
+
+    for value in module.__dict__.values():
+        visit(value, 1)
+    return _attributes(module), containers
+
+
+def _unchanged(module: nn.Module, saved: tuple[list[dict], list[tuple]]) -> bool:
+    attributes, containers = saved
+    return _same(_attributes(module), attributes) and all(_same_contents(*pair) for pair in containers)
+
+
 def _same(a: list[dict], b: list[dict]) -> bool:
     return all(x.keys() == y.keys() and all(x[k] is y[k] for k in x) for x, y in zip(a, b))
+
+
+def _same_contents(live, snapshot) -> bool:
+    """By identity only: ``==`` on a Proxy left in a container records a node or raises."""
+    if isinstance(live, dict):
+        return len(live) == len(snapshot) and all(
+            k is j and v is w for (k, v), (j, w) in zip(live.items(), snapshot.items()))
+    if isinstance(live, list):
+        return len(live) == len(snapshot) and all(a is b for a, b in zip(live, snapshot))
+    return len(live) == len(snapshot) and {id(x) for x in live} == {id(x) for x in snapshot}
+
+
+def _restore(module: nn.Module, saved: tuple[list[dict], list[tuple]]) -> None:
+    """Undo what tracing wrote: container contents first, then attributes and registries."""
+    attributes, containers = saved
+    for live, snapshot in containers:
+        if not _same_contents(live, snapshot):
+            if isinstance(live, list):
+                live[:] = snapshot
+            else:
+                live.clear()
+                live.update(snapshot)
+    if not _same(_attributes(module), attributes):
+        for live, snapshot in zip((module.__dict__, *(getattr(module, r) for r in _REGISTRIES)), attributes):
+            live.clear()
+            live.update(snapshot)
 
 
 class Traces:

@@ -1,0 +1,469 @@
+"""The model-zoo check: ``convert`` against the original on torchvision and timm architectures.
+
+App code (nothing in the library imports it; torchvision and timm are imported inside the
+functions). ``check_model(name)`` builds one architecture with random weights and random
+BatchNorm statistics, converts it and returns a row: eval outputs at two input sizes, the
+state_dict, exceptions, how many BatchNorm computations stay unfused and why, and one training
+step against a float64 copy. ``ZOO_SUBSET`` is the part CI runs (tests/zoo/test_zoo.py);
+``full_sweep()`` lists every family. ``resnet-fused zoo [--full] [NAME ...]`` writes the rows
+as CSV.
+
+Names are ``torchvision:<builder>`` or ``timm:<architecture>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..convert import convert
+from ..nn import FOLDED
+
+# Eval outputs must agree to this relative error (max |a - e| / max |e|), in fp32.
+EVAL_TOLERANCE = 1e-4
+# A fused training step may be this many times further from float64 than the original's.
+TRAIN_FACTOR = 2.0
+# Input sides tried in turn until the original model accepts one (the second size checked is
+# the first accepted plus SECOND_SIZE_STEP).
+SIZES = (32, 64, 96, 128, 224, 256, 299)
+SECOND_SIZE_STEP = 16
+# The training step runs at the first size: 3 models (fp32 original, fp32 fused, float64) x
+# TRAIN_INPUTS steps. Batch 8 at 32x32 costs half of batch 4 at 64x64 and still gives a
+# stride-32 stage's 1x1 maps 8 values per channel; models that need 128 pixels or more train
+# with batch 2 (a stride-32 stage then has at least 4x4 maps). A training-mode BatchNorm that
+# sees fewer than MIN_BN_VALUES values per channel is too ill-conditioned to compare float32 with
+# float64 (with 2 values the fp32 original itself is off by ~0.4): such a step is not compared.
+TRAIN_BATCH = 8
+TRAIN_BATCH_LARGE = 2
+TRAIN_INPUTS = 3
+MIN_BN_VALUES = 8
+
+# 25 architectures that cover the families convert treats differently, chosen from the full
+# sweep: eval at two sizes and a training step take ~155 s of one core (tests/zoo runs them
+# single-threaded: on a shared 2-core machine OpenMP threads waiting for each other cost 10x).
+ZOO_SUBSET = [
+    # torchvision: known blocks (BasicBlock, grouped Bottleneck), chains in Sequential
+    # subclasses (Conv2dNormActivation), generic residual blocks, concatenating and densely
+    # connected networks, train-only auxiliary heads, a segmentation and a detection model.
+    "torchvision:resnet18", "torchvision:resnext50_32x4d", "torchvision:mobilenet_v2",
+    "torchvision:mobilenet_v3_small", "torchvision:shufflenet_v2_x0_5", "torchvision:regnet_x_400mf",
+    "torchvision:densenet121", "torchvision:googlenet", "torchvision:efficientnet_b0",
+    "torchvision:lraspp_mobilenet_v3_large", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
+    # timm: blocks with optional arguments (DLA), multi-branch residuals (HRNet, Res2Net,
+    # ResNeSt), timm's ResNet variants (tiered stem, blur pool, avg-down shortcut), SE and
+    # selective-kernel blocks, GhostNet modules, BatchNormAct2d (left unfused), BatchNorm1d heads.
+    "timm:dla34", "timm:hrnet_w18_small", "timm:res2next50", "timm:resnest14d", "timm:resnet10t",
+    "timm:resnetblur18", "timm:resnet18d", "timm:seresnet18", "timm:skresnet18", "timm:repghostnet_050",
+    "timm:ghostnet_050", "timm:cs3darknet_focus_s", "timm:rexnet_100", "timm:levit_conv_128s",
+]
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """BatchNorm of any kind: torch's, subclasses (timm's BatchNormAct2d), frozen variants."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(module).__name__
+
+
+def randomize_batch_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BatchNorm non-default running stats and affine parameters, so a fused path
+    that ignored any of them could not pass (the 0/1 defaults hide a skipped normalisation)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if not is_batch_norm(module):
+                continue
+            n = module.num_features
+            mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+            if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
+                mean.copy_(torch.randn(n, generator=generator) * 0.3)
+                var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if isinstance(weight, torch.Tensor):
+                weight.copy_(torch.rand(n, generator=generator) + 0.5)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn(n, generator=generator) * 0.3)
+    return model
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| in float64; inf for a shape mismatch or a NaN the other lacks."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    if actual.numel() == 0:
+        return 0.0
+    a, e = actual.detach().double(), expected.detach().double()
+    if not torch.equal(torch.isnan(a), torch.isnan(e)):
+        return float("inf")
+    a, e = torch.nan_to_num(a), torch.nan_to_num(e)
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def tensors(output) -> list[torch.Tensor]:
+    """The floating tensors of a model output (tensors, tuples, lists, dicts, namedtuples), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else [output.double()]
+    if isinstance(output, dict):
+        return [t for key in sorted(output) for t in tensors(output[key])]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in tensors(item)]
+    return []
+
+
+def _output_error(actual, expected) -> float:
+    a, e = tensors(actual), tensors(expected)
+    if len(a) != len(e):
+        return float("inf")
+    return max((max_rel_error(x, y) for x, y in zip(a, e)), default=0.0)
+
+
+def problems(row: dict) -> list[str]:
+    """Why a row is not an agreement (empty when it is): what the zoo test asserts and the CLI counts."""
+    found = [row["error"]] if row["error"] else []
+    if not row["equal_eval"]:
+        found.append(f"eval output differs: relative error {row['rel_error']}")
+    if row["equal_second_size"] is False:
+        found.append(f"eval output at the second size differs: relative error {row['rel_error_second']}")
+    if not row["state_dict_unchanged"]:
+        found.append("state_dict changed")
+    if row["equal_train"] is False:
+        found.append(f"training step: {row['train_ratio']} x the allowed error against float64")
+    return found
+
+
+# --- the architectures ---------------------------------------------------------------------------
+
+def _torchvision_kind(builder: str) -> str:
+    import torchvision
+
+    for kind in ("detection", "segmentation"):
+        if builder in torchvision.models.list_models(module=getattr(torchvision.models, kind)):
+            return kind
+    return "classification"
+
+
+def build(name: str, device: str | None = None) -> tuple[nn.Module, str]:
+    """(model with random weights, its kind: classification/segmentation/detection)."""
+    source, _, arch = name.partition(":")
+    if source == "timm":
+        import timm
+
+        with torch.device(device) if device else contextlib.nullcontext():
+            # No dropout or drop-path: timm applies some functionally (F.dropout(x,
+            # training=self.training)), where no module can be put in eval mode, and the
+            # training check compares three models that would draw their own masks.
+            for kwargs in ({"drop_rate": 0.0, "drop_path_rate": 0.0}, {"drop_rate": 0.0}, {}):
+                try:
+                    return timm.create_model(arch, pretrained=False, **kwargs), "classification"
+                except TypeError:  # an architecture without these arguments
+                    if not kwargs:
+                        raise
+    if source == "torchvision":
+        import torchvision
+
+        kind = _torchvision_kind(arch)
+        kwargs = {"weights": None}
+        if kind != "classification":
+            kwargs["weights_backbone"] = None  # the default downloads ImageNet weights
+        if kind == "detection" and not arch.startswith("ssd"):
+            kwargs.update(min_size=128, max_size=128)  # the transform resizes every image to this
+        with torch.device(device) if device else contextlib.nullcontext():
+            return torchvision.models.get_model(arch, **kwargs), kind
+    raise ValueError(f"model names are 'torchvision:<builder>' or 'timm:<architecture>', got {name!r}")
+
+
+def _input(kind: str, batch: int, size: int, generator: torch.Generator):
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    return list(x) if kind == "detection" else x  # detectors take a list of images
+
+
+def _run(model: nn.Module, x):
+    """The model's output, or the exception it raised."""
+    try:
+        return model(x), None
+    except Exception as error:  # noqa: BLE001  (any exception is a result here)
+        return None, error
+
+
+def _text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+# --- the check -----------------------------------------------------------------------------------
+
+def check_model(name: str, backend: str = "cpu", train: bool = True, seed: int = 0) -> dict:
+    """One row: does ``convert(model, backend)`` compute what the model computes?
+
+    Keys: model, equal_eval, rel_error, size, equal_second_size, rel_error_second, state_dict_unchanged,
+    error (what the converted model raised that the original did not, or a failure of the check
+    itself), bn_total / bn_unfused (BatchNorm module calls in one eval forward of the original /
+    of the converted model, folded ones not counted), fused_fraction, reasons (the report's
+    reasons for what stayed unfused), equal_train, train_ratio, train_note, seconds, cpu_seconds.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
+    row = {"model": name, "equal_eval": False, "rel_error": None, "size": None, "equal_second_size": None,
+           "rel_error_second": None, "state_dict_unchanged": False, "error": None, "bn_total": 0, "bn_unfused": 0,
+           "fused_fraction": None, "reasons": {}, "equal_train": None, "train_ratio": None, "train_note": None}
+    try:
+        _check(name, backend, train, seed, row)
+    except Exception as error:  # noqa: BLE001  (a row says what went wrong; the sweep goes on)
+        row["error"] = row["error"] or f"check failed: {_text(error)}"
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    row["cpu_seconds"] = round(time.process_time() - cpu_start, 2)  # wall time on a shared machine misleads
+    return row
+
+
+def _check(name: str, backend: str, train: bool, seed: int, row: dict) -> None:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model, kind = build(name)
+    model = randomize_batch_norms(model, generator).eval()
+    size = row["size"] = _first_size(model, kind)
+    try:
+        converted, report = convert(model, backend=backend, report=True)
+    except Exception as error:  # noqa: BLE001
+        row["error"] = f"convert: {_text(error)}"
+        return
+    row["state_dict_unchanged"] = _same_state(model, converted)
+    leaked = _proxies_left(converted)
+    if leaked:
+        row["error"] = f"convert left torch.fx Proxies in {', '.join(leaked[:3])}"
+        return
+    row["reasons"] = dict(Counter(reason for _, reason in report.unfused).most_common())
+
+    x = _input(kind, 1, size, torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        expected, _ = _run(model, x)
+        counts = _batch_norm_calls(model, converted, x)
+        out, error = _run(converted, x)
+    if error is not None:
+        row["error"] = f"eval: {_text(error)}"
+        return
+    row["bn_total"], row["bn_unfused"] = counts
+    row["fused_fraction"] = round(1 - counts[1] / counts[0], 4) if counts[0] else None
+    row["rel_error"] = _output_error(out, expected)
+    row["equal_eval"] = row["rel_error"] <= EVAL_TOLERANCE
+
+    # A second size: a forward whose code depends on shapes must still agree (or fail alike).
+    x2 = _input(kind, 2, size + SECOND_SIZE_STEP, torch.Generator().manual_seed(seed + 2))
+    with torch.no_grad():
+        expected2, error2 = _run(model, x2)
+        out2, converted_error2 = _run(converted, x2)
+    if error2 is None and converted_error2 is not None:
+        row["error"] = f"eval at {size + SECOND_SIZE_STEP}: {_text(converted_error2)}"
+    elif error2 is None:
+        row["rel_error_second"] = _output_error(out2, expected2)
+        row["equal_second_size"] = row["rel_error_second"] <= EVAL_TOLERANCE
+    row["state_dict_unchanged"] = row["state_dict_unchanged"] and _same_state(model, converted)
+
+    if train:
+        _check_training(model, converted, kind, size, backend, seed, row)
+
+
+def _first_size(model: nn.Module, kind: str) -> int:
+    """The smallest of SIZES the original accepts (some need 224: fixed position tables)."""
+    error = None
+    for size in SIZES:
+        with torch.no_grad():
+            _, error = _run(model, _input(kind, 1, size, torch.Generator().manual_seed(0)))
+        if error is None:
+            return size
+    raise RuntimeError(f"the original model accepts none of the sizes {SIZES}: {_text(error)}")
+
+
+def _proxies_left(model: nn.Module) -> list[str]:
+    """Modules holding an fx Proxy (directly or in a dict/list/tuple/set attribute): what a
+    trace wrote into module state; such a model fails to deepcopy or pickle."""
+    from torch import fx
+
+    def holds(value, depth=0) -> bool:
+        if isinstance(value, (fx.Proxy, fx.Node)):
+            return True
+        if depth < 3 and isinstance(value, dict):
+            return any(holds(k, depth + 1) or holds(v, depth + 1) for k, v in value.items())
+        if depth < 3 and isinstance(value, (list, tuple, set)):
+            return any(holds(v, depth + 1) for v in value)
+        return False
+
+    return [name or "the model" for name, m in model.named_modules()
+            if any(holds(v) for k, v in vars(m).items() if k not in ("_modules", "_parameters", "_buffers"))]
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _batch_norm_calls(original: nn.Module, converted: nn.Module, x) -> tuple[int, int]:
+    """BatchNorm module calls in one forward of each: all of the original's, and the converted
+    model's that are not folded into a conv (hooks on copies: a hooked module is never fused)."""
+    counts = []
+    for model, skip in ((original, ()), (converted, FOLDED)):
+        model = copy.deepcopy(model)
+        calls = [0]
+        for module in model.modules():
+            if is_batch_norm(module) and not isinstance(module, skip):
+                module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        model(x)
+        counts.append(calls[0])
+    return counts[0], counts[1]
+
+
+# --- one training step against float64 ----------------------------------------------------------
+
+def _average_pools(model: nn.Module) -> int:
+    """Replace max pools by average pools of the same geometry, in place; how many. A max
+    pool's gradient goes to one element, which float32 and float64 may pick differently (a
+    near-tie broken by rounding), so gradients would not be comparable."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.MaxPool2d and child.dilation in (1, (1, 1)) and not child.return_indices:
+                setattr(parent, child_name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode))
+                replaced += 1
+    return replaced
+
+
+def _without_randomness(model: nn.Module) -> nn.Module:
+    """Dropout, drop-path and stochastic-depth modules in eval mode: each of the three models
+    compared would draw its own masks."""
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, nn.modules.dropout._DropoutNd) or "Drop" in name or "StochasticDepth" in name:
+            module.eval()
+    return model
+
+
+def _bn_on_few_values(model: nn.Module, x) -> bool:
+    """Whether a training-mode BatchNorm normalises fewer than MIN_BN_VALUES values per channel
+    (1x1 maps, an SE block's pooled vector, at a small batch)."""
+    found = []
+
+    def hook(module, args, output):
+        t = args[0]
+        if module.training and t.dim() >= 2 and t.numel() // t.shape[1] < MIN_BN_VALUES:
+            found.append(module)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if is_batch_norm(m)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return bool(found)
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, weights: list[torch.Tensor] | None):
+    """(loss, gradients and BatchNorm buffers after one step) of ``sum(w * output)``."""
+    model.zero_grad(set_to_none=True)
+    outputs = tensors(model(x))
+    if weights is None:
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(7 + i), dtype=torch.float64)
+                   for i, o in enumerate(outputs)]
+    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(outputs, weights))
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    return [loss.detach(), *grads, *buffers], weights
+
+
+def _check_training(model: nn.Module, converted: nn.Module, kind: str, size: int, backend: str, seed: int,
+                    row: dict) -> None:
+    if kind == "detection":
+        row["train_note"] = "not compared: a detector's training forward needs targets"
+        return
+    original = copy.deepcopy(model)
+    if _average_pools(original):
+        try:
+            converted = convert(original, backend=backend)
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"convert (max pools as average pools): {_text(error)}"
+            return
+    original = _without_randomness(original.train())
+    fused = _without_randomness(copy.deepcopy(converted).train())
+    exact = copy.deepcopy(original).double()
+    g = torch.Generator().manual_seed(seed + 3)
+    batch = TRAIN_BATCH if size < 128 else TRAIN_BATCH_LARGE
+    inputs = [_input(kind, batch, size, g) for _ in range(TRAIN_INPUTS)]
+    with torch.no_grad():
+        first, again = tensors(copy.deepcopy(original)(inputs[0])), tensors(copy.deepcopy(original)(inputs[0]))
+    if len(first) != len(again) or not all(torch.equal(a, b) for a, b in zip(first, again)):
+        row["train_note"] = "not compared: the training forward is random (functional dropout?)"
+        return
+    if _bn_on_few_values(copy.deepcopy(original), inputs[0]):
+        row["train_note"] = f"not compared: a training-mode BatchNorm sees fewer than {MIN_BN_VALUES} values per channel"
+        return
+    ratios = []
+    for x in inputs:
+        # Each model steps from the same state: the copies share nothing and each sees x once.
+        reference, weights = _train_step(copy.deepcopy(exact), x.double(), None)
+        original_result, _ = _train_step(copy.deepcopy(original), x, weights)
+        try:
+            fused_result, _ = _train_step(copy.deepcopy(fused), x, weights)
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"train: {_text(error)}"
+            return
+        if len(fused_result) != len(reference):
+            row["error"] = "train: the converted model has other parameters or buffers"
+            return
+        ratios.append(_worst_ratio(fused_result, original_result, reference))
+    row["train_ratio"] = round(statistics.median(ratios), 3)
+    row["equal_train"] = row["train_ratio"] <= 1.0
+
+
+def _worst_ratio(fused: list[torch.Tensor], original: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
+    """max over the loss, gradients and buffers of err(fused) / (TRAIN_FACTOR * err(original) + floor):
+    each error the max abs difference from float64; the floor, one float32 ulp of the largest
+    float64 value, keeps a tensor the original gets exactly right from failing on rounding."""
+    worst = 0.0
+    eps = torch.finfo(torch.float32).eps
+    for f, o, e in zip(fused, original, exact):
+        e = e.detach().double()
+        if f.shape != e.shape:
+            return float("inf")
+        if not torch.isfinite(f).all():
+            return float("inf")
+        fused_error = (f.detach().double() - e).abs().max().item() if e.numel() else 0.0
+        original_error = (o.detach().double() - e).abs().max().item() if e.numel() else 0.0
+        floor = eps * (e.abs().max().item() if e.numel() else 0.0)
+        allowed = TRAIN_FACTOR * original_error + floor
+        worst = max(worst, fused_error / allowed if allowed > 0 else (0.0 if fused_error == 0 else float("inf")))
+    return worst
+
+
+# --- which architectures -------------------------------------------------------------------------
+
+def full_sweep(timm_models: bool = True, torchvision_models: bool = True) -> list[str]:
+    """Every torchvision classification/detection/segmentation builder and timm architecture
+    with a BatchNorm, one per family: architectures built of the same module classes (on the
+    meta device: no weights are made) are a family, and its smallest member stands for it.
+    Listing timm builds ~1400 architectures on the meta device: minutes."""
+    names = []
+    if torchvision_models:
+        import torchvision
+
+        for module in (torchvision.models, torchvision.models.detection, torchvision.models.segmentation):
+            names += [f"torchvision:{b}" for b in torchvision.models.list_models(module=module)]
+    if timm_models:
+        import timm
+
+        names += [f"timm:{a}" for a in timm.list_models()]
+    families: dict[tuple, tuple[int, str]] = {}
+    for name in names:
+        try:
+            model, _ = build(name, device="meta")
+        except Exception:  # noqa: BLE001  (an architecture that cannot be built is not swept)
+            continue
+        classes = {type(m) for m in model.modules()}
+        if not any(is_batch_norm(m) for m in model.modules()):
+            continue
+        key = (name.partition(":")[0], type(model).__module__, frozenset(f"{c.__module__}.{c.__qualname__}" for c in classes))
+        size = sum(p.numel() for p in model.parameters())
+        if key not in families or (size, name) < families[key]:
+            families[key] = (size, name)
+    return sorted(name for _, name in families.values())

@@ -1,0 +1,89 @@
+"""convert() across the model zoo (resnet_fused/bench/zoo.py), model by model: eval outputs at two
+sizes, the state_dict, no new exceptions, and one training step against float64.
+
+``test_subset`` (zoo.ZOO_SUBSET, 25 architectures, the cpu backend) and ``test_triton_interpreted``
+(a handful, eval only: the interpreter runs every conv launch in Python) run by default.
+``test_full_sweep`` covers one architecture per torchvision/timm family (about 230; hours on 2
+cores, and listing timm's families alone takes minutes), so it is marked ``zoo`` and only
+parametrized when selected:
+
+    pytest -m zoo tests/zoo
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnet_fused.bench import zoo
+
+pytest.importorskip("timm")
+
+# Small models whose units cover the Triton kernel's cases: stride 2 and 1x1 shortcuts, depthwise
+# and grouped convs, chains ending without a ReLU, residual blocks.
+TRITON_HANDFUL = ["torchvision:resnet18", "torchvision:mobilenet_v2", "timm:resnet10t"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small ops at 32x32: on a shared 2-core machine OpenMP threads waiting for each other made
+    the subset ~10x slower (measured); one thread runs it in minutes of one core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _zoo_selected(config: pytest.Config) -> bool:
+    expression = config.getoption("markexpr") or ""
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own -m evaluation (private)
+    except ImportError:
+        return "zoo" in expression and "not zoo" not in expression
+    return bool(expression) and Expression.compile(expression).evaluate(lambda name, **_: name == "zoo")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "full_name" not in metafunc.fixturenames:
+        return
+    if _zoo_selected(metafunc.config):
+        metafunc.parametrize("full_name", zoo.full_sweep())
+    else:
+        skip = pytest.mark.skip(reason="the full sweep (hundreds of models) runs with: pytest -m zoo tests/zoo")
+        metafunc.parametrize("full_name", [pytest.param("full-sweep", marks=skip)])
+
+
+def assert_agrees(row: dict) -> None:
+    problems = zoo.problems(row)
+    assert not problems, f"{row['model']}: " + "; ".join(problems) + f"\n{row}"
+
+
+@pytest.mark.parametrize("name", zoo.ZOO_SUBSET)
+def test_subset(name):
+    row = zoo.check_model(name, backend="cpu")
+    assert_agrees(row)
+    assert row["bn_total"] > 0, "every zoo model has BatchNorms"
+
+
+@pytest.mark.parametrize("name", TRITON_HANDFUL)
+def test_triton_interpreted(name):
+    row = zoo.check_model(name, backend="triton", train=False)
+    assert_agrees(row)
+    assert row["bn_unfused"] < row["bn_total"], "the triton backend fused nothing"
+
+
+@pytest.mark.zoo
+def test_full_sweep(full_name):
+    assert_agrees(zoo.check_model(full_name, backend="cpu"))
+
+
+def test_problems_names_each_disagreement():
+    agreeing = {"error": None, "equal_eval": True, "rel_error": 0.0, "equal_second_size": None,
+                "rel_error_second": None, "state_dict_unchanged": True, "equal_train": None, "train_ratio": None}
+    assert zoo.problems(agreeing) == []
+    wrong = {**agreeing, "equal_eval": False, "rel_error": 0.84, "equal_second_size": False, "rel_error_second": 0.5,
+             "state_dict_unchanged": False, "equal_train": False, "train_ratio": 3.1, "error": "eval: RuntimeError: x"}
+    assert zoo.problems(wrong) == [
+        "eval: RuntimeError: x", "eval output differs: relative error 0.84",
+        "eval output at the second size differs: relative error 0.5", "state_dict changed",
+        "training step: 3.1 x the allowed error against float64"]
