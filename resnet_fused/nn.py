@@ -96,9 +96,40 @@ class FoldedFrozenBatchNorm2d(nn.Module):
 FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm, FoldedFrozenBatchNorm2d)  # the norms a FusedConv2d applies
 
 
+def timm_norm_act_types() -> dict[str, type]:
+    """timm's BatchNorm + activation classes by name, if timm's norm_act module is loaded (a
+    model cannot hold one otherwise); looked up, not imported."""
+    module = sys.modules.get("timm.layers.norm_act")
+    names = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
+    return {name: getattr(module, name) for name in names if hasattr(module, name)}
+
+
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d or timm's FrozenBatchNormAct2d: the same arithmetic
+    (``reference.frozen_batch_norm``) on buffers that never change."""
+    return type(module) in (frozen_batch_norm_type(), timm_norm_act_types().get("FrozenBatchNormAct2d"))
+
+
+def norm_act_relu(module: nn.Module) -> bool | None:
+    """For one of timm's norm + activation modules (exact class) that a fused conv can stand in
+    for, whether its activation is a ReLU (True) or the identity (False); None for any other
+    module, and for one whose activation is something else, whose dropout is not the identity,
+    or whose parts have hooks. Its normalisation is its base class's (BatchNorm2d,
+    SyncBatchNorm, or FrozenBatchNorm2d's arithmetic); then ``act(drop(y))``."""
+    if type(module) not in timm_norm_act_types().values() or has_hooks(module):
+        return None
+    # SyncBatchNormAct gets drop and act from timm's convert_sync_batchnorm, and may lack them.
+    drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+    if drop is not None and (type(drop) is not nn.Identity or has_hooks(drop)):
+        return None
+    if act is not None and (type(act) not in (nn.Identity, nn.ReLU) or has_hooks(act)):
+        return None
+    return type(act) is nn.ReLU
+
+
 def norm_features(bn: nn.Module) -> int:
-    """The channel count of a plain BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d."""
-    return bn.running_mean.shape[0] if type(bn) is frozen_batch_norm_type() else bn.num_features
+    """The channel count of a plain BatchNorm2d, SyncBatchNorm or frozen BatchNorm."""
+    return bn.running_mean.shape[0] if is_frozen_batch_norm(bn) else bn.num_features
 
 
 class FusedConv2d(nn.Conv2d):
@@ -236,10 +267,20 @@ def is_plain_batch_norm(module: nn.Module) -> bool:
     return plain and not has_hooks(module)
 
 
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool, backend: str) -> tuple[FusedConv2d, nn.Module]:
-    """The pair of modules that replace ``conv`` and ``bn`` in their slots."""
+def is_fusible_norm(module: nn.Module) -> bool:
+    """A plain BatchNorm, or one of timm's norm + activation modules whose activation a fused
+    conv applies (``norm_act_relu``)."""
+    return is_plain_batch_norm(module) or norm_act_relu(module) is not None
+
+
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module, relu: bool, backend: str) -> tuple[FusedConv2d, nn.Module]:
+    """The pair of modules that replace ``conv`` and ``bn`` (a fusible norm) in their slots.
+    A timm norm + activation module's ReLU must be passed as ``relu``: its folded stand-in
+    keeps the state, not the activation."""
+    if norm_act_relu(bn) and not relu:
+        raise ValueError(f"{type(bn).__name__} applies a ReLU: fuse it with relu=True")
     folded = (FoldedSyncBatchNorm if isinstance(bn, nn.SyncBatchNorm)
-              else FoldedFrozenBatchNorm2d if type(bn) is frozen_batch_norm_type() else FoldedBatchNorm2d)(bn)
+              else FoldedFrozenBatchNorm2d if is_frozen_batch_norm(bn) else FoldedBatchNorm2d)(bn)
     return FusedConv2d(conv, folded, relu, backend), folded
 
 

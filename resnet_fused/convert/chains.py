@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn import FusedConv2d, fuse_conv_bn, has_hooks, is_plain_batch_norm, is_plain_conv, norm_features
+from ..nn import FusedConv2d, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv, norm_act_relu, norm_features
 from .tracing import Traces, is_noop, is_relu_node, leaves, single_user
 
 # conv target → (bn target, relu follows, ReLU module used only here)
@@ -21,9 +21,10 @@ Chain = tuple[str, bool, str | None]
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalization layer the report accounts for (torchvision's FrozenBatchNorm2d is no
-    _NormBase)."""
-    return isinstance(module, nn.modules.batchnorm._NormBase) or type(module).__name__ == "FrozenBatchNorm2d"
+    """A normalization layer the report accounts for (torchvision's FrozenBatchNorm2d and timm's
+    FrozenBatchNormAct2d are no _NormBase)."""
+    return (isinstance(module, nn.modules.batchnorm._NormBase)
+            or type(module).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"))
 
 
 def conv_why_not(conv: nn.Conv2d, shared: set[int]) -> str | None:
@@ -80,7 +81,7 @@ def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[
         if bn_node is None:
             why_not[node.target] = "its output is used more than once (or not at all)"
             continue
-        if not called_once(bn_node, is_plain_batch_norm) or bn_node.args[0] is not node:
+        if not called_once(bn_node, is_fusible_norm) or bn_node.args[0] is not node:
             follower = _name(bn_node, parent)
             is_bn = bn_node.op == "call_module" and is_norm(parent.get_submodule(bn_node.target))
             why_not[node.target] = (f"followed by {follower}, which is not fused (see its own line)" if is_bn
@@ -88,6 +89,9 @@ def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[
             continue
         if norm_features(parent.get_submodule(bn_node.target)) != parent.get_submodule(node.target).out_channels:
             why_not[node.target] = "its BatchNorm's channel count differs from the conv's out_channels"
+            continue
+        if norm_act_relu(parent.get_submodule(bn_node.target)):
+            found[node.target] = (bn_node.target, True, None)  # the norm module applies the ReLU itself
             continue
         # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the ReLU:
         # relu(noop(y)) == noop(relu(y)), so the ReLU still folds into the conv.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..nn import FOLDED, FusedConv2d, has_hooks, is_plain_batch_norm
+from ..nn import FOLDED, FusedConv2d, has_hooks, is_plain_batch_norm, norm_act_relu, timm_norm_act_types
 from .chains import is_norm
 
 
@@ -59,8 +59,22 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
             report.unfused.append((name, conv_reasons.get(name, "not called by any forward convert could trace")))
         elif is_norm(module) and not isinstance(module, FOLDED):
             reason = "not a plain nn.BatchNorm2d (a subclass or another norm may compute something else)"
-            if is_plain_batch_norm(module):
+            if type(module) in timm_norm_act_types().values():
+                reason = _norm_act_reason(module)
+            elif is_plain_batch_norm(module):
                 reason = "has hooks" if has_hooks(module) else "no conv feeds it directly"
             report.unfused.append((name, f"{type(module).__name__} {reason}"))
     report.unfused += [(name, f"{reason}: add + ReLU stay") for name, reason in residual_misses]
     return report
+
+
+def _norm_act_reason(module: nn.Module) -> str:
+    """Why one of timm's norm + activation modules stays (nn.norm_act_relu's rules, spelled out)."""
+    drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+    if has_hooks(module) or any(part is not None and has_hooks(part) for part in (drop, act)):
+        return "has hooks (on itself, its drop or its act)"
+    if drop is not None and type(drop) is not nn.Identity:
+        return f"applies {type(drop).__name__} before its activation"
+    if norm_act_relu(module) is None:
+        return f"applies {type(act).__name__} (a fused conv applies ReLU or nothing)"
+    return "no conv feeds it directly"
