@@ -35,12 +35,17 @@ def _one_thread():
 
 
 def _zoo_selected(config: pytest.Config) -> bool:
+    """Whether ``-m`` asks for the zoo marker: it selects a test marked zoo and rejects an unmarked
+    one (``-m "not gpu"`` selects both and is no request for hours of sweep)."""
     expression = config.getoption("markexpr") or ""
     try:
         from _pytest.mark.expression import Expression  # pytest's own -m evaluation (private)
     except ImportError:
         return "zoo" in expression and "not zoo" not in expression
-    return bool(expression) and Expression.compile(expression).evaluate(lambda name, **_: name == "zoo")
+    if not expression:
+        return False
+    compiled = Expression.compile(expression)
+    return compiled.evaluate(lambda name, **_: name == "zoo") and not compiled.evaluate(lambda name, **_: False)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
