@@ -209,7 +209,7 @@ def test_converted_resnet50_half_channels_last(dtype):
 # _C.cuda_conv_plan says so, the exact cuDNN + epilogue path elsewhere. Each case also checks,
 # with the op's dispatch counters, that the kernel the plan names is the one that ran.
 
-from test_cuda_dispatch import RESNET50, RESNET50_IDS  # noqa: E402
+from cases import RESNET50, RESNET50_IDS  # noqa: E402
 
 # Odd shapes as (N, C, H, W, K, kernel, stride, padding, dilation), fused or not.
 CUTLASS_ODD = {

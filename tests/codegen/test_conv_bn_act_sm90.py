@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from resnet_fused.ops.triton import conv_bn_act as triton_op
-from sm90 import Job, compile_for_hopper
+from sm90 import PRECISIONS, TRITON_TYPE, Job, compile_for_hopper, config_cases, reachable_configs, tile_name
 
-TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 KERNEL = "resnet_fused.ops.triton.conv_bn_act:_conv_bn_act_fwd_kernel"
 INDEX_ARGS = (
     "M", "N", "C", "H", "W", "K", "P", "Q", "tile_c", "tile_k", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
@@ -42,42 +41,10 @@ def job(dtype, config, input_precision, use_int64=False, kernel_size=3, group_ti
     return Job(KERNEL, signature, constexprs, config.num_warps, config.num_stages, ALIGNED)
 
 
-def tile_name(config):
-    return "x".join(str(v) for v in (*config.kwargs.values(), config.num_warps, config.num_stages))
-
-
-PRECISIONS = ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee"))
-
-
-def reachable_configs(dtype):
-    """Every config gpu_configs may return for ``dtype``, once each."""
-    return list({triton_op._config_id(config): config for tile_c, tile_k in triton_op.CONFIG_REACHING_TILES
-                 for config in triton_op.gpu_configs(dtype, tile_c, tile_k)}.values())
-
-
-def packs_groups(config):
-    """Only a 16x16 tile ever holds more than one group (implicit_gemm.group_tile keeps both of a
-    packed tile's channel counts within 16)."""
-    return config.kwargs["BLOCK_N"] == 16 and config.kwargs["BLOCK_C"] == 16
-
-
-def cases(make_job, prefix=""):
-    """Each reachable config per (dtype, input precision), plus the packed-groups variant of the
-    16x16 ones."""
-    out = {}
-    for dtype, precision in PRECISIONS:
-        for config in reachable_configs(dtype):
-            name = f"{prefix}{TRITON_TYPE[dtype]}-{precision}-{tile_name(config)}"
-            out[name] = make_job(dtype, config, precision)
-            if packs_groups(config):
-                out[f"{name}-4groups"] = make_job(dtype, config, precision, group_tile=4)
-    return out
-
-
 def inference_cases():
     # Then 1x1 and 7x7 kernels and int64 indexing for the fp16 configs (ResNet's 1x1 convs, its
     # stem, huge batches).
-    out = cases(job)
+    out = config_cases(job)
     for config in triton_op.gpu_configs(torch.float16, 64, 64):
         out[f"fp16-1x1-{tile_name(config)}"] = job(torch.float16, config, "ieee", kernel_size=1)
         out[f"fp16-int64-{tile_name(config)}"] = job(torch.float16, config, "ieee", use_int64=True)

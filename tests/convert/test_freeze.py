@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 
 import resnet_fused
 from resnet_fused import FusedConv2d
-from tests.helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms, textbook_resnet
+from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms, textbook_resnet
 
 freeze_module = importlib.import_module("resnet_fused.freeze")
 

@@ -10,10 +10,8 @@ is also held against CUTLASS's own ``can_implement`` of each kernel, run on the 
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
-from torchvision.models import resnet50
 
+from cases import RESNET50, RESNET50_IDS
 from resnet_fused import _extension
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpu_ops(), reason=f"extension not built: {_extension.LOAD_ERROR}")
@@ -25,35 +23,6 @@ H100 = dict(capability=(9, 0), sm_count=132)
 A100 = dict(capability=(8, 0), sm_count=108)
 ALL_BUILT = dict(sm90a=True, sm80_cubins=[80, 90])  # what the default arch list 8.0;9.0+PTX builds
 DTYPES = ["float16", "bfloat16"]
-
-
-def resnet50_conv_shapes(batch: int = 2, size: int = 224) -> list[dict]:
-    """Every distinct conv of torchvision's ResNet-50 as the kwargs of cuda_conv_plan, traced on
-    the meta device (no memory, no compute), in first-use order."""
-    with torch.device("meta"):
-        model = resnet50()
-    seen: dict[tuple, dict] = {}
-
-    def record(conv, args):
-        shape = dict(
-            input_shape=list(args[0].shape), weight_shape=list(conv.weight.shape), stride=list(conv.stride),
-            padding=list(conv.padding), dilation=list(conv.dilation), groups=conv.groups,
-        )
-        seen.setdefault(tuple(map(str, shape.values())), shape)
-
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            module.register_forward_pre_hook(record)
-    model(torch.empty(batch, 3, size, size, device="meta"))
-    return list(seen.values())
-
-
-RESNET50 = resnet50_conv_shapes()
-RESNET50_IDS = [
-    f"{s['input_shape'][1]}-{s['weight_shape'][0]}-{s['weight_shape'][2]}x{s['weight_shape'][3]}-s{s['stride'][0]}-"
-    f"{s['input_shape'][2]}px"
-    for s in RESNET50
-]
 
 
 def plan(shape: dict, dtype: str = "float16", device: dict = H100, build: dict = ALL_BUILT, **kw) -> dict:

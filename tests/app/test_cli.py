@@ -15,7 +15,7 @@ import torch
 
 from resnet_fused import available_backends, cli
 from resnet_fused.bench.models import bench_model
-from tests.helpers import textbook_resnet
+from helpers import textbook_resnet
 
 TINY = ["bench", "--model", "resnet18", "--batch", "1", "--size", "32", "--rounds", "1", "--warmup", "0", "--no-compile"]
 

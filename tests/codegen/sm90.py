@@ -6,6 +6,9 @@ between Triton releases (the GPU machine runs 3.6, CI 3.8).
 Compilation runs in a child process without TRITON_INTERPRET: in a process where it is set,
 Triton's code generator builds broken IR (seen with Triton 3.8), and the test session must keep
 the interpreter on for the other tests. One child compiles a whole batch of kernels.
+
+Also the one list of what to compile: every config the conv kernels' autotuner may choose, per
+dtype and input precision (test_conv_bn_act_sm90.py and test_training_sm90.py both use it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,41 @@ class Compiled:
     spill_store_bytes: int
     spill_load_bytes: int
     stack_bytes: int
+
+
+TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+PRECISIONS = ((torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee"))
+
+
+def tile_name(config):
+    return "x".join(str(v) for v in (*config.kwargs.values(), config.num_warps, config.num_stages))
+
+
+def reachable_configs(dtype):
+    """Every config gpu_configs may return for ``dtype``, once each."""
+    from resnet_fused.ops.triton import conv_bn_act as triton_op
+
+    return list({triton_op._config_id(config): config for tile_c, tile_k in triton_op.CONFIG_REACHING_TILES
+                 for config in triton_op.gpu_configs(dtype, tile_c, tile_k)}.values())
+
+
+def packs_groups(config):
+    """Only a 16x16 tile ever holds more than one group (implicit_gemm.group_tile keeps both of a
+    packed tile's channel counts within 16)."""
+    return config.kwargs["BLOCK_N"] == 16 and config.kwargs["BLOCK_C"] == 16
+
+
+def config_cases(make_job, prefix=""):
+    """Each reachable config per (dtype, input precision), plus the packed-groups variant of the
+    16x16 ones: ``make_job(dtype, config, precision, group_tile=1)`` per case name."""
+    out = {}
+    for dtype, precision in PRECISIONS:
+        for config in reachable_configs(dtype):
+            name = f"{prefix}{TRITON_TYPE[dtype]}-{precision}-{tile_name(config)}"
+            out[name] = make_job(dtype, config, precision)
+            if packs_groups(config):
+                out[f"{name}-4groups"] = make_job(dtype, config, precision, group_tile=4)
+    return out
 
 
 def compile_for_hopper(jobs: list[Job]) -> list[Compiled]:

@@ -16,9 +16,7 @@ import torch
 
 from resnet_fused.ops.triton import bn_act, conv_bn_stats
 from resnet_fused.ops.triton import conv_bn_act as inference
-from sm90 import Job, compile_for_hopper
-import test_conv_bn_act_sm90 as inference_sm90
-from test_conv_bn_act_sm90 import TRITON_TYPE, tile_name
+from sm90 import TRITON_TYPE, Job, compile_for_hopper, config_cases, reachable_configs, tile_name
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -48,7 +46,7 @@ def stats_job(dtype, config, input_precision, use_int64=False, group_tile=1):
 
 
 def stats_cases():
-    out = inference_sm90.cases(stats_job, prefix="stats-")
+    out = config_cases(stats_job, prefix="stats-")
     for config in conv_bn_stats.gpu_configs(torch.float16, 64, 64):
         out[f"stats-fp16-int64-{tile_name(config)}"] = stats_job(torch.float16, config, "ieee", use_int64=True)
     return out
@@ -142,7 +140,7 @@ def compiled():
 
 
 def test_stats_autotuner_configs_are_the_tested_ones():
-    tested = {inference._config_id(c) for dtype in DTYPES for c in inference_sm90.reachable_configs(dtype)}
+    tested = {inference._config_id(c) for dtype in DTYPES for c in reachable_configs(dtype)}
     assert tested == {inference._config_id(c) for c in conv_bn_stats.GPU_CONFIGS}
 
 

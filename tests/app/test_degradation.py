@@ -10,7 +10,7 @@ from pathlib import Path
 # The demo is an example script, not part of the package: loaded from its file. scikit-learn and
 # matplotlib are test dependencies: no importorskip, a missing one fails the test.
 _SPEC = importlib.util.spec_from_file_location(
-    "degradation", Path(__file__).resolve().parents[1] / "examples" / "degradation.py")
+    "degradation", Path(__file__).resolve().parents[2] / "examples" / "degradation.py")
 degradation = importlib.util.module_from_spec(_SPEC)
 sys.modules["degradation"] = degradation  # dataclasses look their module up there
 _SPEC.loader.exec_module(degradation)
