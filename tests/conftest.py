@@ -1,8 +1,20 @@
-"""Test set-up shared by every test file.
+"""Test set-up shared by every test file, and the ``backend`` parametrization.
 
 TRITON_INTERPRET must be in the environment before triton is first imported, so it is set here,
 at conftest import, before any test module imports resnet_fused. A GPU run sets
 TRITON_INTERPRET=0 itself (benchmarks/gpu_check.sh) so Triton compiles real kernels.
+
+A test that takes a ``backend`` argument runs once per record of resnet_fused.backends.REGISTRY
+that can run CPU tensors here: ``triton`` under the interpreter, ``cpu`` when the extension is
+built; the ``reference`` (the oracle) only when asked. A test that also takes ``device`` runs
+on CUDA tensors too, for each fused backend whose record accepts them in this build; those
+cases are marked ``gpu``. Whether a record runs somewhere is its own ``runs_on``, which reads
+the environment and the build, never the GPU: no device is queried at collection.
+
+Per test, ``@pytest.mark.backends("cpu", "reference")`` narrows the backends to those named
+(``reference=True`` adds the reference to the default set), and
+``@pytest.mark.grid(argnames, rows)`` adds a grid from cases.py whose rows depend on the backend
+and device: ``rows(backend, device)`` returns ``(id, values)`` pairs.
 """
 
 import os
@@ -18,6 +30,8 @@ import torch  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device and TRITON_INTERPRET unset or 0")
+    config.addinivalue_line("markers", "backends(*names, reference=False): the backends a `backend` test runs on")
+    config.addinivalue_line("markers", "grid(argnames, rows): per-backend grid rows, rows(backend, device)")
 
 
 # The GPU run (benchmarks/gpu_check.sh: pytest -m gpu -n 8 --maxfail=50) has a time budget, so
@@ -72,3 +86,64 @@ def pytest_runtest_setup(item):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32(request):
+    """On the GPU, fp32 references must not silently use TF32; tests that want TF32 turn it on."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def backend_targets(names=(), reference=False, devices=("cpu",)):
+    """``(backend, device)`` pairs from the registry, in its order (fastest first)."""
+    from resnet_fused.backends import REGISTRY
+
+    targets = []
+    for name, record in REGISTRY.items():
+        if names and name not in names:
+            continue
+        if record.is_reference and not (reference or name in names):
+            continue
+        for device in devices:
+            if device == "cuda" and record.is_reference:
+                continue  # the oracle is checked on the CPU
+            if record.runs_on(torch.device(device)):
+                targets.append((name, device))
+    return targets
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        argnames = marker.args[0]
+        if "backend" in ([n.strip() for n in argnames.split(",")] if isinstance(argnames, str) else argnames):
+            return  # parametrized by hand
+    chosen = metafunc.definition.get_closest_marker("backends")
+    names = chosen.args if chosen else ()
+    reference = chosen.kwargs.get("reference", False) if chosen else False
+    with_device = "device" in metafunc.fixturenames
+    devices = ("cpu", "cuda") if with_device else ("cpu",)
+    grid = metafunc.definition.get_closest_marker("grid")
+    grid_names, rows = grid.args if grid else ((), None)
+    if isinstance(grid_names, str):
+        grid_names = tuple(name.strip() for name in grid_names.split(","))
+
+    params = []
+    for name, device in backend_targets(names, reference, devices):
+        target_id = name if device == "cpu" else f"{name}-gpu"
+        marks = (pytest.mark.gpu,) if device == "cuda" else ()
+        head = (name, device) if with_device else (name,)
+        if rows is None:
+            params.append(pytest.param(*head, id=target_id, marks=marks))
+        else:
+            for row_id, values in rows(name, device):
+                params.append(pytest.param(*head, *values, id=f"{target_id}-{row_id}", marks=marks))
+    argnames = ("backend", "device")[: 2 if with_device else 1] + tuple(grid_names)
+    metafunc.parametrize(argnames, params)

@@ -13,9 +13,6 @@ import resnet_fused
 from helpers import max_rel_error, randomize_batch_norms
 from resnet_fused import FoldedBatchNorm2d, FusedBasicBlock, FusedBottleneck, FusedConv2d
 
-BACKENDS = ["reference", "cpu", "triton"]  # triton runs under the interpreter here
-
-
 def build(factory, seed):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -41,7 +38,7 @@ def assert_same_state(original: nn.Module, converted: nn.Module):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.backends(reference=True)  # every backend that runs here; triton under the interpreter
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_torchvision_resnet_eval(models, name, backend):
     model = models[name]
@@ -180,7 +177,6 @@ def test_converted_model_saves_and_loads(tmp_path, models):
         assert max_rel_error(converted(x), fresh.eval()(x)) < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_converted_model_compiles_in_one_graph(models, backend):
     """torch.compile sees through the fused modules (custom ops with fake kernels), so there
     is no graph break."""

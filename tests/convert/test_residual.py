@@ -255,7 +255,6 @@ def test_nested_shortcut_modules_are_traced_once_each(monkeypatch):
     assert converted.branch[3].relu and len(traces) < 30, len(traces)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_textbook_resnet_has_no_leftover_ops(backend):
     x = torch.randn(2, 3, 9, 8)
     converted = check_converted(textbook_resnet(), x, backend=backend, leftover={})
