@@ -12,12 +12,14 @@ cases are marked ``gpu``. Whether a record runs somewhere is its own ``runs_on``
 the environment and the build, never the GPU: no device is queried at collection.
 
 Per test, ``@pytest.mark.backends("cpu", "reference")`` narrows the backends to those named
-(``reference=True`` adds the reference to the default set), and
+(``reference=True`` adds the reference to the default set, ``devices=("cuda",)`` keeps only the
+GPU cases of a test that takes ``device``), and
 ``@pytest.mark.grid(argnames, rows)`` adds a grid from cases.py whose rows depend on the backend
 and device: ``rows(backend, device)`` returns ``(id, values)`` pairs.
 """
 
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # The tests judge the kernels themselves: with the runtime guard on, a wrong kernel's answer would
@@ -30,26 +32,26 @@ import torch  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device and TRITON_INTERPRET unset or 0")
-    config.addinivalue_line("markers", "backends(*names, reference=False): the backends a `backend` test runs on")
+    config.addinivalue_line("markers", "backends(*names, reference=False, devices=None): what a `backend` test runs on")
     config.addinivalue_line("markers", "grid(argnames, rows): per-backend grid rows, rows(backend, device)")
 
 
 # The GPU run (benchmarks/gpu_check.sh: pytest -m gpu -n 8 --maxfail=50) has a time budget, so
 # the tests that tell the most run first: a run cut short has answered the main questions. By
-# test function name, with an optional substring of the test id; the first matching rule ranks
-# a test, ties keep collection order; unmatched tests run last. Whole models first (few, slow,
-# informative), then every op against the reference in fp16/bf16 in both layouts, the training
-# units, each Triton config once, the rest.
+# test function name, with an optional regular expression searched in the test id's parameters;
+# the first matching rule ranks a test, ties keep collection order; unmatched tests run last.
+# Whole models first (few, slow, informative), then every op against the reference in fp16/bf16
+# in both layouts, the training units, each Triton config once, the rest.
 GPU_ORDER = (
     ("test_converted_resnet50_half_channels_last", ""),  # end-to-end eval, fp16/bf16, triton
     ("test_converted_resnet50_cuda_backend", ""),  # end-to-end eval, cuda (CUTLASS)
     ("test_resnet50_amp_training_steps", ""),  # training steps of a whole model
-    ("test_op_matches_reference", "float16"),  # every op vs the reference, fp16 and bf16, NCHW and NHWC
+    # every op vs the reference, fp16 and bf16, NCHW and NHWC, with and without residual
+    ("test_matches_reference", "-(fp16|bf16)-"),
     ("test_unit_matches_fp64", ""),  # training units, fp16/bf16
     ("test_converted_resnet_fp32", ""),
-    ("test_op_without_residual", ""),
     ("test_every_config_runs_once", ""),  # autotuning is off in the run: each config once here
-    ("test_op_matches_reference", ""),  # fp32
+    ("test_matches_reference", ""),  # fp32
     ("test_unit_fp32_ieee", ""),
 )
 
@@ -58,7 +60,7 @@ def gpu_rank(name: str) -> int:
     """Where a test with id ``name`` (``function[params]``) runs in the GPU run, by GPU_ORDER."""
     function, _, params = name.partition("[")
     for rank, (wanted, part) in enumerate(GPU_ORDER):
-        if function == wanted and part in params:
+        if function == wanted and re.search(part, params):
             return rank
     return len(GPU_ORDER)
 
@@ -130,6 +132,8 @@ def pytest_generate_tests(metafunc):
     reference = chosen.kwargs.get("reference", False) if chosen else False
     with_device = "device" in metafunc.fixturenames
     devices = ("cpu", "cuda") if with_device else ("cpu",)
+    if chosen and "devices" in chosen.kwargs:
+        devices = tuple(d for d in chosen.kwargs["devices"] if with_device or d == "cpu")
     grid = metafunc.definition.get_closest_marker("grid")
     grid_names, rows = grid.args if grid else ((), None)
     if isinstance(grid_names, str):

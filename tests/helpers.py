@@ -54,6 +54,20 @@ def assert_low_precision_close(fused: torch.Tensor, unfused: torch.Tensor, exact
     assert fused_err <= factor * unfused_err + floor, f"fused error {fused_err:.3g} > {factor} x unfused {unfused_err:.3g}"
 
 
+def assert_output_close(out: torch.Tensor, exact: torch.Tensor, unfused: torch.Tensor, dtype: torch.dtype,
+                        channels_last: bool | None = None):
+    """An op's output against the fp64 ``exact`` result: dtype and shape kept, the input's
+    memory format kept (when ``channels_last`` is given), fp32 (IEEE) within 1e-5, lower
+    precisions by the 2x rule against the ``unfused`` computation in the same dtype."""
+    assert out.dtype == dtype and out.shape == exact.shape
+    if channels_last is not None:
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if dtype == torch.float32:
+        assert max_rel_error(out, exact) < 1e-5
+    else:
+        assert_low_precision_close(out, unfused, exact)
+
+
 class TextbookBlock(nn.Module):
     """The residual block as tutorials write it: Sequentials for conv+BN(+ReLU), the add and
     the final ReLU in the block's own forward."""

@@ -11,13 +11,19 @@ from torch import nn
 
 import resnet_fused
 from helpers import randomize_batch_norms
-from resnet_fused import backends, functional
+from resnet_fused import _extension, backends, functional
 from resnet_fused.bench.timing import fused_backends_for
 from resnet_fused.ops import reference
 
 
 def _model() -> nn.Module:
     return randomize_batch_norms(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU()))
+
+
+def test_extension_is_built():
+    # The README's install command builds it; a silent build failure must not pass as a skip
+    # (the cpu backend's tests are generated only when it is built: conftest).
+    assert _extension.has_cpu_ops(), _extension.LOAD_ERROR
 
 
 def test_registry_lists_every_backend_once():

@@ -127,13 +127,14 @@ def test_gpu_order_ranks_the_informative_tests_first(request):
     conftest = next(p for p in request.config.pluginmanager.get_plugins() if hasattr(p, "gpu_rank"))
     ranks = [conftest.gpu_rank(name) for name in (
         "test_converted_resnet50_half_channels_last[fp16]",
-        "test_op_matches_reference[stem-float16-nhwc-triton]",
-        "test_op_matches_reference[stem-bfloat16-nchw-cuda]",
+        "test_matches_reference[triton-gpu-stem-fp16-nhwc-res-relu]",
+        "test_matches_reference[cuda-gpu-stem-bf16-nchw-res-relu]",
+        "test_matches_reference[cuda-gpu-1x1-256-64-fp16-nhwc-nores-linear]",
         "test_unit_matches_fp64[triton-stem-fp16-True-train]",
-        "test_op_matches_reference[stem-float32-nhwc-triton]",
+        "test_matches_reference[triton-gpu-stem-fp32-nhwc-res-relu]",
         "test_cutlass_op_matches_reference[sm90-x]",
     )]
-    assert ranks[0] < ranks[1] == ranks[2] < ranks[3] < ranks[4] < ranks[5]
+    assert ranks[0] < ranks[1] == ranks[2] == ranks[3] < ranks[4] < ranks[5] < ranks[6]
 
 
 @pytest.mark.skipif(sys.version_info[:2] == (3, 12), reason="this Python is a 3.12: the script would build")

@@ -166,9 +166,9 @@ def test_stride_8_still_takes_sm90():
 
 
 def test_plan_follows_the_sm90_switch():
-    """cuda_conv_plan takes the run-time switch the op takes (tests/test_gpu.py's cutlass_family
-    fixture flips it): switched off, Hopper plans name the sm80 kernels, for the build asked
-    about and for this build alike; switched back on, sm90 again."""
+    """cuda_conv_plan takes the run-time switch the op takes (ops/test_conv_bn_act.py's
+    cutlass_family fixture flips it): switched off, Hopper plans name the sm80 kernels, for the
+    build asked about and for this build alike; switched back on, sm90 again."""
     shape = conv(64, 128)
     previous = _C.cuda_conv_enable_sm90(False)
     try:

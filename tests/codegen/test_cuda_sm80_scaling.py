@@ -6,8 +6,8 @@ with a tiny running variance has a large scale, and the product can pass float16
 stays finite. The copy therefore holds w * scale[k] * 2^-e with the smallest e that keeps it finite,
 and the epilogue multiplies the fp32 accumulators by 2^e. ``_C.cuda_sm80_scaled_filter`` runs the
 functions of epilogue.h that the CUDA op's filter passes run; the tests here rebuild the kernel's
-output from it in float64 and hold it to the low-precision rule. tests/test_gpu.py runs the same
-case through the CUDA op.
+output from it in float64 and hold it to the low-precision rule. ops/test_conv_bn_act.py runs the
+same case (cases.tiny_variance_case) through the CUDA op.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cases import tiny_variance_case
 from helpers import assert_low_precision_close
 from resnet_fused import _extension
 from resnet_fused.ops import reference
@@ -28,28 +29,6 @@ if _extension.has_cpu_ops():
     from resnet_fused import _C
 
 EPS = 1e-5  # nn.BatchNorm2d's default
-
-
-def tiny_variance_case(seed: int = 5):
-    """A conv + BN whose output channel 0 has running_var 1e-8 (scale ~316) and large weights on
-    input channel 0, which is dead (all zeros, as after a ReLU that never fires): w * scale for
-    channel 0 is ~8e4, past float16's range, while its conv output is tiny and eager BN of it is
-    finite. The other channels are ordinary. fp32 tensors (N, C, H, W) = (2, 16, 6, 6), 3x3."""
-    g = torch.Generator().manual_seed(seed)
-    n, c, k, size = 2, 16, 16, 6
-    x = torch.randn(n, c, size, size, generator=g)
-    x[:, 0] = 0
-    weight = torch.randn(k, c, 3, 3, generator=g) / (c * 9) ** 0.5
-    weight[0] = torch.randn(c, 3, 3, generator=g) * 1e-4
-    weight[0, 0] = 250.0
-    bn = {
-        "bn_weight": torch.rand(k, generator=g) + 0.5,
-        "bn_bias": torch.randn(k, generator=g) * 0.3,
-        "running_mean": torch.randn(k, generator=g) * 0.3,
-        "running_var": torch.rand(k, generator=g) + 0.5,
-    }
-    bn["bn_weight"][0], bn["running_mean"][0], bn["running_var"][0] = 1.0, 0.0, 1e-8
-    return x, weight, bn
 
 
 def bn_scale_shift(bn: dict, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
