@@ -251,3 +251,99 @@ def _resnet_case(shape: dict) -> tuple:
 
 
 CUTLASS_SHAPES = {**{i: _resnet_case(s) for i, s in zip(RESNET50_IDS, RESNET50)}, **CUTLASS_ODD}
+
+
+# --- the training unit's BatchNorm pieces (ops/test_bn_act.py) -------------------------------
+
+# (N, K, H, W): odd everything; K = 67 leaves a partial vector of channels in channels_last
+# (CPU) and runs past one 64-channel block (Triton); L = H·W a multiple of no block.
+BN_SHAPES = {"odd": (3, 5, 7, 9), "k67": (2, 67, 5, 3)}
+
+# Activation dtypes each backend's bn_act kernels take on CPU tensors (Triton: fp32 only, the
+# interpreter's bf16 being broken and fp64 not a Triton bn_act dtype), and running-stat dtypes.
+BN_CPU_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64), "triton": (torch.float32,)}
+RUNNING_CPU_DTYPES = {"cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+                      "triton": (torch.float32, torch.float16)}
+
+
+def bn_dtypes(backend: str) -> tuple:
+    return BN_CPU_DTYPES.get(backend, (torch.float32,))
+
+
+def bn_apply_grid(backend: str, device: str) -> list:
+    """(shape, dtype, layout, with_residual, relu, with_gamma): every combination."""
+    rows = []
+    for shape in BN_SHAPES:
+        for dtype in bn_dtypes(backend):
+            for layout in LAYOUTS:
+                for res in (True, False):
+                    for relu in (True, False):
+                        for gamma in (True, False):
+                            rows.append((f"{shape}-{DTYPE_IDS[dtype]}-{layout}-{'res' if res else 'nores'}-"
+                                         f"{'relu' if relu else 'norelu'}-{'gamma' if gamma else 'nogamma'}",
+                                         (shape, dtype, layout, res, relu, gamma)))
+    return rows if device == "cpu" else []
+
+
+def bn_backward_reduce_grid(backend: str, device: str) -> list:
+    """(shape, dtype, layout, relu): every combination."""
+    rows = [(f"{shape}-{DTYPE_IDS[dtype]}-{layout}-{'relu' if relu else 'norelu'}", (shape, dtype, layout, relu))
+            for shape in BN_SHAPES for dtype in bn_dtypes(backend) for layout in LAYOUTS for relu in (True, False)]
+    return rows if device == "cpu" else []
+
+
+def bn_backward_apply_grid(backend: str, device: str) -> list:
+    """(dtype, layout, relu, training, residual_grad, with_gamma): every combination (the shape
+    follows training and gamma: K = 67 for the full training path)."""
+    rows = []
+    for dtype in bn_dtypes(backend):
+        for layout in LAYOUTS:
+            for relu in (True, False):
+                for training in (True, False):
+                    for residual_grad in (True, False):
+                        for gamma in (True, False):
+                            rows.append((f"{DTYPE_IDS[dtype]}-{layout}-{'relu' if relu else 'norelu'}-"
+                                         f"{'train' if training else 'eval'}-{'dres' if residual_grad else 'nodres'}-"
+                                         f"{'gamma' if gamma else 'nogamma'}",
+                                         (dtype, layout, relu, training, residual_grad, gamma)))
+    return rows if device == "cpu" else []
+
+
+def running_stats_grid(backend: str, device: str, dtypes: tuple | None = None) -> list:
+    """(running_dtype, momentum): momentum 0.1 and 0.7 take torch.lerp's two formulas."""
+    dtypes = dtypes or RUNNING_CPU_DTYPES.get(backend, (torch.float32,))
+    rows = [(f"{DTYPE_IDS[dtype]}-{momentum}", (dtype, momentum)) for dtype in dtypes for momentum in (0.1, 0.7)]
+    return rows if device == "cpu" else []
+
+
+def running_stats_spec_grid(backend: str, device: str) -> list:
+    """running_stats_grid in fp32 and fp16, the running dtypes of fp32 and .half() models."""
+    return running_stats_grid(backend, device, (torch.float32, torch.float16))
+
+
+# --- the statistics conv of the training unit (ops/test_conv_bn_stats.py) --------------------
+
+# CONV_SHAPES-style. M = N·P·Q over several BLOCK_M tiles (32 under the interpreter) with a
+# partial last one; C and K not multiples of the blocks, past one block (BLOCK_C/BLOCK_N 128) in
+# "multi-block".
+STATS_SHAPES = {
+    "3x3-stride2-3tiles": (3, 6, 11, 9, 10, 3, 2, 1, 1),  # M = 3·6·5 = 90: 3 tiles
+    "1x1": CONV_SHAPES["1x1"],  # M = 126: 4 tiles
+    "multi-block": CONV_SHAPES["multi-block"],
+}
+
+# GROUPED_SHAPES-style: several 4-wide groups packed to a tile, depthwise, and 3 inputs to 2
+# outputs per group with an odd group count.
+GROUPED_STATS_SHAPES = {
+    "resnext-4wide": (2, 32, 7, 5, 32, 3, 1, 8),
+    "depthwise-stride2": (3, 6, 9, 7, 6, 3, 2, 6),
+    "3in-2out-groups3": (2, 9, 6, 5, 6, 1, 1, 3),
+}
+
+
+def conv_stats_grid(backend: str, device: str) -> list:
+    """(name, layout, with_bias): every shape in both layouts with and without bias, except one
+    multi-block case only (wide tiles are slow in the interpreter)."""
+    rows = [(name, layout, with_bias) for name in STATS_SHAPES for layout in LAYOUTS for with_bias in (True, False)
+            if name != "multi-block" or (layout, with_bias) == ("nhwc", True)]
+    return [(f"{n}-{lay}-{'bias' if b else 'nobias'}", (n, lay, b)) for n, lay, b in rows] if device == "cpu" else []

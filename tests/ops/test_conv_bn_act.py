@@ -22,6 +22,7 @@ from helpers import assert_low_precision_close, assert_output_close, max_rel_err
 from resnet_fused.functional import conv_bn_act
 from resnet_fused.ops import reference
 from resnet_fused.ops.shapes import span
+from resnet_fused.ops.triton import conv_bn_act as triton_op
 
 
 def case(name, dtype, channels_last=True, with_residual=True, relu=True, device="cpu"):
@@ -131,8 +132,6 @@ def _op_and_args(backend, x, weight, bias, bn, residual, stride, groups=1):
     args = (x, weight, bias, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
             residual, [stride, stride], [1, 1], [1, 1], groups, True)
     if backend == "triton":
-        from resnet_fused.ops.triton import conv_bn_act as triton_op
-
         return triton_op.conv_bn_act_triton, (*args, False)
     return torch.ops.resnet_fused.conv_bn_act.default, args
 
@@ -165,14 +164,7 @@ def test_op_under_inductor(backend):
 # --- triton: int64 indexing, group tiles, launch grids, autotuner configs, TF32 --------------
 
 
-@pytest.fixture
-def triton_op():
-    from resnet_fused.ops.triton import conv_bn_act
-
-    return conv_bn_act
-
-
-def test_int64_indexing_path_gives_the_same_result(monkeypatch, triton_op):
+def test_int64_indexing_path_gives_the_same_result(monkeypatch):
     """Tensors spanning past 2**31 elements switch the kernel to 64-bit offsets; force that
     path on a small case and check it computes the same thing."""
     x, weight, bn, residual, conv_args = make_case(CONV_SHAPES["3x3-stride2"], torch.float32, False, True, 12)
@@ -182,12 +174,12 @@ def test_int64_indexing_path_gives_the_same_result(monkeypatch, triton_op):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_int64_decision_uses_the_span_not_numel(triton_op):
+def test_int64_decision_uses_the_span_not_numel():
     big = torch.empty_strided((2, 3, 4, 4), (2**31, 16, 4, 1), device="meta")  # 96 elements, huge span
     assert big.numel() < triton_op.INT32_MAX < span(big)
 
 
-def test_grouped_convolution_runs_the_triton_kernel(monkeypatch, triton_op):
+def test_grouped_convolution_runs_the_triton_kernel(monkeypatch):
     """No fallback: the grouped call reaches the kernel, with several groups packed per program."""
     launches = []
     real = triton_op._conv_bn_act_fwd_kernel.run
@@ -203,7 +195,7 @@ def test_grouped_convolution_runs_the_triton_kernel(monkeypatch, triton_op):
     assert len(launches) == 1 and launches[0][1] == 4  # 8 groups of 4 channels: 4 to a 16-wide tile
 
 
-def test_group_count_past_cuda_grid_limits(monkeypatch, triton_op):
+def test_group_count_past_cuda_grid_limits(monkeypatch):
     """CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2**31-1): a depthwise conv with 65537
     groups (odd: one per tile) must put its group tiles on axis 0, in both Triton convs. The
     kernels are stubbed out; only the launch grids are looked at."""
@@ -239,7 +231,7 @@ def test_group_tile_packs_whole_groups_into_16_channels(groups, c_per_group, k_p
     assert groups % tile == 0 and (tile == 1 or tile * max(c_per_group, k_per_group) <= 16)
 
 
-def test_grouped_int64_indexing_path_gives_the_same_result(monkeypatch, triton_op):
+def test_grouped_int64_indexing_path_gives_the_same_result(monkeypatch):
     x, weight, bn, residual, conv_args = make_grouped_case(GROUPED_SHAPES["resnext-4wide-stride2"], torch.float32, False,
                                                            True, 9)
     expected = fused(x, weight, bn, residual, conv_args, "triton")
@@ -250,7 +242,7 @@ def test_grouped_int64_indexing_path_gives_the_same_result(monkeypatch, triton_o
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("name", ["3x3-256-stride2", "stem"])
-def test_every_autotuner_config(name, dtype, triton_op):
+def test_every_autotuner_config(name, dtype):
     """The autotuner may pick any config; each is run explicitly (the other GPU tests run
     with RESNET_FUSED_AUTOTUNE=0, i.e. the first config only)."""
     x, weight, bn, residual, conv_args, exact, unfused = case(name, dtype, device="cuda")
@@ -266,7 +258,7 @@ def test_every_autotuner_config(name, dtype, triton_op):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("name", GROUPED_GPU_SHAPES)
-def test_grouped_conv_every_config_and_statistics(name, dtype, triton_op):
+def test_grouped_conv_every_config_and_statistics(name, dtype):
     """Grouped convs in the Triton kernels: every config the autotuner may choose for the
     shape, the autotuned op, and the training conv's batch statistics."""
     from resnet_fused.ops.triton import conv_bn_stats
