@@ -347,3 +347,15 @@ def conv_stats_grid(backend: str, device: str) -> list:
     rows = [(name, layout, with_bias) for name in STATS_SHAPES for layout in LAYOUTS for with_bias in (True, False)
             if name != "multi-block" or (layout, with_bias) == ("nhwc", True)]
     return [(f"{n}-{lay}-{'bias' if b else 'nobias'}", (n, lay, b)) for n, lay, b in rows] if device == "cpu" else []
+
+
+# --- the training op on the GPU (ops/test_conv_bn_act_train.py) ------------------------------
+
+# (N, C, H, W, K, kernel, stride, padding): ResNet-50 shapes at a small batch, plus odd sizes.
+TRAIN_GPU_SHAPES = {
+    "stem": (2, 3, 40, 40, 64, 7, 2, 3),
+    "3x3-64": (4, 64, 20, 20, 64, 3, 1, 1),
+    "1x1-256-64": (4, 256, 14, 14, 64, 1, 1, 0),
+    "3x3-128-stride2": (2, 128, 15, 15, 128, 3, 2, 1),
+    "odd": (3, 5, 9, 7, 67, 3, 1, 1),
+}
