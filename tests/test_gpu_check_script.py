@@ -130,7 +130,7 @@ def test_gpu_order_ranks_the_informative_tests_first(request):
         "test_matches_reference[triton-gpu-stem-fp16-nhwc-res-relu]",
         "test_matches_reference[cuda-gpu-stem-bf16-nchw-res-relu]",
         "test_matches_reference[cuda-gpu-1x1-256-64-fp16-nhwc-nores-linear]",
-        "test_unit_matches_fp64[triton-stem-fp16-True-train]",
+        "test_unit_matches_fp64[triton-gpu-stem-fp16-True-train]",
         "test_matches_reference[triton-gpu-stem-fp32-nhwc-res-relu]",
         "test_cutlass_op_matches_reference[sm90-x]",
     )]
