@@ -11,7 +11,7 @@ do. Per call, two collectives:
 - backward, one ``all_reduce`` (sum) of (Σg, Σg·x̂) per channel for the input gradient.
 
 γ and β get this process's own sums, as with nn.SyncBatchNorm: data-parallel training adds
-them up across processes. The oracle (tests/test_sync_batch_norm.py): outputs, summed
+them up across processes. The oracle (tests/convert/test_sync_batch_norm.py): outputs, summed
 parameter gradients and running statistics equal those of a plain BatchNorm2d on the
 concatenated global batch in one process.
 

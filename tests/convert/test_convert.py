@@ -64,7 +64,7 @@ def test_channels_last_model(models):
 
 def test_reference_backend_trains_exactly_like_the_original(models):
     """The reference backend runs the unfused modules: outputs, gradients and BN running
-    statistics bit for bit (fused training: tests/test_training.py)."""
+    statistics bit for bit (fused training: tests/convert/test_training.py)."""
     model = build(resnet18, 4).train()
     converted = resnet_fused.convert(model, backend="reference")
     x = torch.randn(2, 3, 32, 32)

@@ -39,7 +39,7 @@ INT32_MAX = 2**31 - 1
 # Elements per tile (BLOCK_L × BLOCK_K) and warps: memory-bound kernels, so a tile just large
 # enough to keep loads in flight. BLOCK_K ≤ 64 channels; BLOCK_L takes the rest. 8 warps: at 4
 # warps some kernels spill on sm_90 (bf16 apply; the backward reduce at 8192 elements), at 8 none
-# does and the backward reduce needs at most 128 registers (tests/test_training_sm90.py).
+# does and the backward reduce needs at most 128 registers (tests/codegen/test_training_sm90.py).
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_K = 64
 _NUM_WARPS = 8

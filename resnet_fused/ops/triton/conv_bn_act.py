@@ -38,7 +38,7 @@ INT32_MAX = 2**31 - 1
 # Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may choose on a GPU, by
 # element size. BLOCK_M is a multiple of 64 and num_warps a multiple of 4 so that fp16/bf16 and
 # TF32 dots lower to Hopper wgmma; every one compiles for sm_90 without register spills
-# (tests/test_conv_bn_act_sm90.py). No 128x128 tile at 8 warps: its epilogue's per-channel
+# (tests/codegen/test_conv_bn_act_sm90.py). No 128x128 tile at 8 warps: its epilogue's per-channel
 # vectors, replicated across the MMA layout, push it into spills. fp32 tiles are smaller: IEEE
 # fp32 runs on FMA units and holds both operands in registers.
 _GPU_TILES = {

@@ -36,7 +36,7 @@ never read. No memset is needed.
 
 Autotuning uses the inference kernel's configs (``conv_bn_act.gpu_configs``) and pruning: every
 one also compiles for sm_90 without spills with the statistics epilogue
-(tests/test_training_sm90.py).
+(tests/codegen/test_training_sm90.py).
 """
 
 from __future__ import annotations

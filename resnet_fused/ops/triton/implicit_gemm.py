@@ -9,8 +9,8 @@ the padding expressed as a load mask.
 the eval-mode fused op, and ``conv_bn_stats._conv_bn_stats_fwd_kernel``, the training-mode
 conv with batch statistics), so every kernel gets the same loads, masks and pipelining and
 differs only in its epilogue. It is a plain ``@triton.jit`` function of this package's own:
-it compiles for sm_90 in tests/sm90.py's child process like the kernels that call it
-(tests/test_conv_bn_act_sm90.py, tests/test_training_sm90.py).
+it compiles for sm_90 in tests/codegen/sm90.py's child process like the kernels that call it
+(tests/codegen/test_conv_bn_act_sm90.py, tests/codegen/test_training_sm90.py).
 
 Grouped convolutions (ResNeXt) add a group coordinate: program ``(pid_m, pid_n, pid_g)``
 works on ``GROUP_TILE`` consecutive groups, i.e. on the ``tile_c`` input channels starting at
@@ -95,7 +95,7 @@ def implicit_gemm_tile(
     # One flat loop over (r, s, channel block) rather than three nested ones, so the software
     # pipeliner overlaps loads with dots even when C fits in a single block.
     # (Plain arithmetic, not tl.cdiv: library @jit helpers cannot be compiled for sm_90 in the
-    # same process as the interpreter, which is how tests/test_conv_bn_act_sm90.py runs.)
+    # same process as the interpreter, which is how tests/codegen/test_conv_bn_act_sm90.py runs.)
     c_blocks = (tile_c + BLOCK_C - 1) // BLOCK_C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(R * S * c_blocks):
