@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 
 import torch
@@ -66,6 +67,14 @@ def assert_output_close(out: torch.Tensor, exact: torch.Tensor, unfused: torch.T
         assert max_rel_error(out, exact) < 1e-5
     else:
         assert_low_precision_close(out, unfused, exact)
+
+
+def pickle_round_trip(module: nn.Module) -> nn.Module:
+    """``module`` saved whole with torch.save and loaded back."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 class TextbookBlock(nn.Module):

@@ -4,15 +4,13 @@ converted for each GPU backend, against the original model."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
 import resnet_fused
-from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms
+from helpers import assert_low_precision_close, max_rel_error, pickle_round_trip, randomize_batch_norms
 
 
 def conv_bn_relu(backend: str, dtype=torch.float32):
@@ -60,10 +58,7 @@ def test_whole_converted_model_pickles_after_use():
     x = torch.randn(1, 5, 6, 6)
     with torch.no_grad():
         expected = converted(x)
-    buffer = io.BytesIO()
-    torch.save(converted, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = pickle_round_trip(converted)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected)
 

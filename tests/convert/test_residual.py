@@ -5,7 +5,6 @@ the pattern is fusible (aten ops counted with a dispatch mode)."""
 from __future__ import annotations
 
 import copy
-import io
 from collections import Counter
 
 import pytest
@@ -15,7 +14,7 @@ import torchvision
 from torch import nn
 
 import resnet_fused
-from helpers import CountOps, TextbookBlock, max_rel_error, randomize_batch_norms, textbook_resnet
+from helpers import CountOps, TextbookBlock, max_rel_error, pickle_round_trip, randomize_batch_norms, textbook_resnet
 from resnet_fused import FusedConv2d
 from resnet_fused.convert.residual import ResidualForward
 from resnet_fused.convert.tracing import SequentialsTraced
@@ -269,10 +268,7 @@ def test_block_survives_pickle_deepcopy_and_devices_moves():
     x = torch.randn(2, 3, 9, 8)
     with torch.no_grad():
         expected = model(x)
-        buffer = io.BytesIO()
-        torch.save(converted, buffer)
-        buffer.seek(0)
-        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(converted), converted.to("cpu").float()):
+        for other in (pickle_round_trip(converted), copy.deepcopy(converted), converted.to("cpu").float()):
             with CountOps() as ops:
                 assert max_rel_error(other(x), expected) < 1e-5
             assert ops.leftover() == {}
