@@ -20,7 +20,7 @@
 #                        with MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a (one CUTLASS file takes 2.5-3 min)
 #   3 gpu-tests     120  pytest -m gpu -n 8 --maxfail=50 (serial without pytest-xdist), informative
 #                        tests first (tests/conftest.py GPU_ORDER), RESNET_FUSED_AUTOTUNE=0: one fixed
-#                        config per tile class (tests/test_autotune_off.py runs every config once)
+#                        config per tile class (tests/codegen/test_autotune_off.py runs every config once)
 #   4 verify         40  resnet-fused verify, fp16 and bf16, batch 8, 224 px; triton fp16, triton bf16
 #                        and cuda as three processes side by side (their ms columns overlap)
 #   5 timings        40  benchmarks/gpu_timings.py: each ResNet-50 conv shape (batch 64) and the whole

@@ -207,7 +207,7 @@ class SubclassedBatchNorm2d(nn.BatchNorm2d):
 def test_non_plain_modules_are_never_fused(variant):
     """Blocks built from other modules than nn.Conv2d/nn.BatchNorm2d and the norms fused like it
     (a subclass, weight standardization, padding modes, hooks) stay as they were and compute the
-    same. (torchvision's FrozenBatchNorm2d is fused: tests/test_frozen_batch_norm.py.)"""
+    same. (torchvision's FrozenBatchNorm2d is fused: tests/convert/test_frozen_batch_norm.py.)"""
     kwargs = {"norm_layer": SubclassedBatchNorm2d} if variant == "bn-subclass" else {}
     model = build(lambda: resnet18(**kwargs), 8)
     block = model.layer1[0]
