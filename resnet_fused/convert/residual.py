@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 
 import torch
 from torch import fx, nn
@@ -281,6 +282,8 @@ class ResidualForward:
             # After unpickling: the fused convs already carry their residual role (relu set),
             # so the class forward traces to the same pattern with the conv's flag set.
             graph = _trace_for_restore(self.block)
+            if graph is None:
+                return _unfuse(self.block)(*args, **kwargs)
             self._code = _compile(graph)
         return self._code(self.block, *args, **kwargs)
 
@@ -299,9 +302,11 @@ def _compile(graph: fx.Graph):
     return namespace["forward"]
 
 
-def _trace_for_restore(block: nn.Module) -> fx.Graph:
+def _trace_for_restore(block: nn.Module) -> fx.Graph | None:
     """Trace the class forward of an already fused block and redo the rewrite with the fused
-    convs' ReLU flags temporarily cleared (the pattern matcher requires relu=False)."""
+    convs' ReLU flags temporarily cleared (the pattern matcher requires relu=False); None if
+    the rewrite no longer comes out the same (the block changed since convert: a hook added to
+    one of its modules makes the pass refuse)."""
     flagged = [m for m in block.modules() if isinstance(m, FusedConv2d) and m.residual_fused]
     for m in flagged:
         m.relu = False
@@ -309,8 +314,22 @@ def _trace_for_restore(block: nn.Module) -> fx.Graph:
     if graph is None or sorted(rewrite(block, graph, Traces())) != sorted(n for n, m in block.named_modules() if m in flagged):
         for m in flagged:
             m.relu = True
-        raise RuntimeError(f"resnet_fused: cannot restore the fused forward of {type(block).__name__}")
+        return None
     return graph
+
+
+def _unfuse(block: nn.Module):
+    """Undo a block's residual fusion: its fused convs apply no add or ReLU any more, and the
+    class forward runs again (adds and ReLUs unfused, the answer unchanged); returns that
+    forward. For a block whose rewrite cannot be restored after a copy or load."""
+    warnings.warn(f"resnet_fused: the residual fusion of a {type(block).__name__} could not be redone after a copy or "
+                  "load (was a hook added to one of its modules after convert?); its add + ReLU run unfused from now on",
+                  stacklevel=3)
+    for m in block.modules():
+        if isinstance(m, FusedConv2d) and m.residual_fused:
+            m.relu, m.residual_fused, m.residual_in_place = False, False, False
+    del block.forward
+    return block.forward
 
 
 def fuse_residuals(block: nn.Module, traces: Traces) -> list[tuple[str, str]]:

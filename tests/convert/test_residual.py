@@ -439,3 +439,24 @@ def test_forward_that_writes_into_module_containers_is_left_alone_and_untouched(
         assert max_rel_error(converted(x), block(x)) < 1e-6
         for other in (copy.deepcopy(converted), pickle_round_trip(converted)):
             assert max_rel_error(other(x), block(x)) < 1e-6
+
+
+@pytest.mark.parametrize("restore", ["deepcopy", "pickle"])
+def test_a_hook_added_after_convert_unfuses_the_copied_block_instead_of_failing(restore):
+    """A copied or loaded block redoes its rewrite on its first call; a hook added since
+    convert (here on the final ReLU, as the zoo's BatchNorm counter hooked timm's RepGhostModule)
+    makes the pass refuse. The block then runs its class forward with the residual unfused --
+    same answer, the hook fires -- where it raised RuntimeError."""
+    block = randomize_batch_norms(TextbookBlock(6, 6), torch.Generator().manual_seed(2)).eval()
+    converted, report = resnet_fused.convert(block, backend="cpu", report=True)
+    assert report.residuals_fused == 1
+    other = copy.deepcopy(converted) if restore == "deepcopy" else pickle_round_trip(converted)
+    calls = []
+    other.relu.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 6, 7, 5)
+    with torch.no_grad(), pytest.warns(UserWarning, match="residual fusion of a TextbookBlock could not be redone"):
+        out = other(x)
+    with torch.no_grad():
+        assert max_rel_error(out, block(x)) < 1e-6 and calls == [1]
+        assert max_rel_error(other(x), block(x)) < 1e-6 and calls == [1, 1]
+    assert "forward" not in other.__dict__ and not other.conv2[0].residual_fused and not other.conv2[0].relu
