@@ -345,7 +345,8 @@ def zoo(args: argparse.Namespace) -> int:
     disagree = 0
     with csv_file:
         for i, name in enumerate(todo, 1):
-            row = zoo_check.check_model(name, backend=args.backend, train=not args.no_train)
+            row = zoo_check.check_model(name, backend=args.backend, train=not args.no_train,
+                                        train_backend=args.train_backend)
             found = zoo_check.problems(row)
             disagree += bool(found)
             writer.writerow({**row, "reasons": json.dumps(row["reasons"])})
@@ -412,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--full", action="store_true", help="every torchvision/timm family with a BatchNorm")
     z.add_argument("--backend", default="cpu", help="fused backend (default cpu)")
     z.add_argument("--no-train", dest="no_train", action="store_true", help="skip the training step")
+    z.add_argument("--train-backend", dest="train_backend",
+                   help="backend of the training step (default: --backend; 'reference' judges the rewrite alone)")
     z.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
     z.add_argument("--csv", metavar="PATH", help="the table (default zoo-<date>.csv)")
     z.add_argument("--resume", action="store_true", help="skip the models already in --csv and append")
