@@ -4,7 +4,15 @@ from .backends import BACKENDS, available_backends
 from .convert import convert
 from .freeze import FrozenModel, freeze
 from .functional import conv_batch_norm_act, conv_bn_act
-from .nn import FoldedBatchNorm2d, FoldedFrozenBatchNorm2d, FoldedSyncBatchNorm, FusedBasicBlock, FusedBottleneck, FusedConv2d
+from .nn import (
+    FoldedBatchNorm2d,
+    FoldedFrozenBatchNorm2d,
+    FoldedReLU,
+    FoldedSyncBatchNorm,
+    FusedBasicBlock,
+    FusedBottleneck,
+    FusedConv2d,
+)
 
 __version__ = "0.1.0"
 
@@ -12,6 +20,7 @@ __all__ = [
     "BACKENDS",
     "FoldedBatchNorm2d",
     "FoldedFrozenBatchNorm2d",
+    "FoldedReLU",
     "FoldedSyncBatchNorm",
     "FrozenModel",
     "FusedBasicBlock",

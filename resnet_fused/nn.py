@@ -96,6 +96,16 @@ class FoldedFrozenBatchNorm2d(nn.Module):
 FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm, FoldedFrozenBatchNorm2d)  # the norms a FusedConv2d applies
 
 
+class FoldedReLU(nn.ReLU):
+    """A ReLU module the ``FusedConv2d`` before it applies; its forward passes the input
+    through. Still an ``nn.ReLU`` (same ``inplace``), so a forward that inspects the slot
+    (``if isinstance(self.act, nn.ReLU): x = self.act(x)``) takes the branch it took when
+    convert traced it; an ``nn.Identity`` there sent it down the other branch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def timm_norm_act_types() -> dict[str, type]:
     """timm's BatchNorm + activation classes by name, if timm's norm_act module is loaded (a
     model cannot hold one otherwise); looked up, not imported."""

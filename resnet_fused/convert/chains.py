@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn import FusedConv2d, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv, norm_act_relu, norm_features
+from ..nn import FoldedReLU, FusedConv2d, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv, norm_act_relu, norm_features
 from .tracing import Traces, is_noop, is_relu_node, leaves, single_user
 
 # conv target → (bn target, relu follows, ReLU module used only here)
@@ -146,7 +146,7 @@ def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Trace
         _set_submodule(parent, conv_name, fused_conv)
         _set_submodule(parent, bn_name, folded_bn)
         if own_relu is not None:
-            _set_submodule(parent, own_relu, nn.Identity())
+            _set_submodule(parent, own_relu, FoldedReLU(parent.get_submodule(own_relu).inplace))
     for conv_name in train_chains.keys() - eval_chains.keys():
         why_not.setdefault(conv_name, "its forward feeds it to a BatchNorm in one mode only (train or eval)")
     return why_not

@@ -3,6 +3,8 @@ available here, eval and train mode, state_dict unchanged."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,7 +135,7 @@ def test_home_made_model_chains():
     assert isinstance(converted.act, nn.ReLU)  # shared: stays, relu(relu(y)) == relu(y)
     assert isinstance(converted.conv_b, FusedConv2d) and not converted.conv_b.relu
     assert type(converted.conv_c) is nn.Conv2d and type(converted.norm_c) is nn.BatchNorm2d
-    assert isinstance(converted.head[0], FusedConv2d) and isinstance(converted.head[2], nn.Identity)
+    assert isinstance(converted.head[0], FusedConv2d) and type(converted.head[2]) is resnet_fused.FoldedReLU
     x = torch.randn(2, 3, 11, 13)
     with torch.no_grad():
         assert max_rel_error(converted(x), model(x)) < 1e-5
@@ -306,3 +308,29 @@ def test_modules_with_any_hook_kind_are_not_fused():
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     converted(x).sum().backward()
     assert calls == ["relu", "conv"]
+
+
+class InspectsItsActivation(nn.Module):
+    """A forward that branches on the type of its activation slot, as configurable blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        if isinstance(self.act, nn.ReLU):
+            return self.act(x)
+        return x * 2  # what an Identity in the folded ReLU's slot made it run
+
+
+def test_a_forward_that_inspects_its_folded_relu_slot_takes_the_same_branch():
+    model = randomize_batch_norms(InspectsItsActivation(), torch.Generator().manual_seed(6)).eval()
+    converted = resnet_fused.convert(model, backend="cpu")
+    assert converted.conv.relu and type(converted.act) is resnet_fused.FoldedReLU and converted.act.inplace
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-5
+        assert max_rel_error(copy.deepcopy(converted)(x), model(x)) < 1e-5
