@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_low_precision_close, max_rel_error
+from helpers import act_args, assert_low_precision_close, max_rel_error
 from resnet_fused import _extension
 from resnet_fused.ops import reference
 
@@ -117,12 +117,13 @@ def test_empty_input(shape):
     with pytest.warns(UserWarning):  # torch warns about the zero degrees of freedom; the op does not
         assert reference.bn_stats(y)[1].isnan().all()
     m, v = torch.zeros(3), torch.ones(3)
-    assert ops.bn_act_apply(y, m, v, None, None, EPS, y, True).shape == shape
-    sum_g, sum_g_xhat = ops.bn_act_backward_reduce(y, y, y, m, v, EPS, True)
+    assert ops.bn_act_apply(y, m, v, None, None, EPS, y, *act_args(True)).shape == shape
+    sum_g, sum_g_xhat = ops.bn_act_backward_reduce(y, y, y, m, v, None, None, EPS, *act_args(True))
     assert sum_g.tolist() == sum_g_xhat.tolist() == [0.0] * 3
-    dy, d_res = ops.bn_act_backward_apply(y, y, y, m, v, None, EPS, sum_g, sum_g_xhat, 1, True, True, True)
+    args = (y, y, y, m, v, None, None, EPS, sum_g, sum_g_xhat, 1, True, *act_args(True))
+    dy, d_res = ops.bn_act_backward_apply(*args, True)
     assert dy.shape == d_res.shape == shape
-    _, d_res = ops.bn_act_backward_apply(y, y, y, m, v, None, EPS, sum_g, sum_g_xhat, 1, True, True, False)
+    _, d_res = ops.bn_act_backward_apply(*args, False)
     assert d_res.shape == (0,)
 
 
@@ -140,7 +141,7 @@ def test_apply(dtype, channels_last, with_residual, relu, with_gamma):
     mean, var = batch_stats(y)
     gamma, beta = channel_params(shape[1], 4) if with_gamma else (None, None)
     residual = activation(shape, dtype, channels_last, seed=5) if with_residual else None
-    args = (y, mean, var, gamma, beta, EPS, residual, relu)
+    args = (y, mean, var, gamma, beta, EPS, residual, *act_args(relu))
     out = ops.bn_act_apply(*args)
     assert_close(out, reference.bn_act_apply(*double(args)), reference.bn_act_apply(*args))
     assert_format(out, channels_last)
@@ -150,7 +151,7 @@ def test_apply_nan_propagates():
     y = torch.randn(2, 3, 4, 5)
     y[1, 2, 3, 4] = float("nan")
     y[0, 0, 0, 0] = float("-inf")
-    out = ops.bn_act_apply(y, torch.zeros(3), torch.ones(3), None, None, EPS, None, True)
+    out = ops.bn_act_apply(y, torch.zeros(3), torch.ones(3), None, None, EPS, None, *act_args(True))
     assert out[1, 2, 3, 4].isnan() and out[0, 0, 0, 0] == 0  # relu(NaN) = NaN, relu(-inf) = 0
     assert out.isnan().sum() == 1
 
@@ -166,10 +167,10 @@ def test_per_channel_tensors_of_other_dtypes():
     fp32 = {name: t.float() for name, t in mixed.items()}
 
     def run(mean, var, gamma, beta):
-        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, True)
-        sums = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, EPS, True)
-        return out, *sums, *ops.bn_act_backward_apply(grad_out, out, y, mean, var, gamma, EPS, sums[0].half(),
-                                                      sums[1].double(), 315, True, True, False)
+        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, *act_args(True))
+        sums = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, EPS, *act_args(True))
+        return out, *sums, *ops.bn_act_backward_apply(grad_out, out, y, mean, var, gamma, None, EPS, sums[0].half(),
+                                                      sums[1].double(), 315, True, *act_args(True), False)
 
     for a, e in zip(run(**mixed), run(**fp32)):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
@@ -183,7 +184,7 @@ def backward_case(shape, dtype, channels_last, relu, seed):
     y = activation(shape, dtype, channels_last, seed, offset=0.5)
     mean, var = batch_stats(y)
     gamma, beta = channel_params(shape[1], seed + 1)
-    out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, relu)
+    out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, *act_args(relu))
     grad_out = activation(shape, dtype, channels_last, seed + 2)
     return grad_out, out, y, mean, var, gamma
 
@@ -194,7 +195,7 @@ def backward_case(shape, dtype, channels_last, relu, seed):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_backward_reduce(shape, dtype, channels_last, relu):
     grad_out, out, y, mean, var, _ = backward_case(shape, dtype, channels_last, relu, seed=10)
-    args = (grad_out, out, y, mean, var, EPS, relu)
+    args = (grad_out, out, y, mean, var, None, None, EPS, *act_args(relu))
     sums = ops.bn_act_backward_reduce(*args)
     for actual, exact in zip(sums, reference.bn_act_backward_reduce(*double(args))):
         assert actual.dtype == acc(dtype) and actual.shape == (shape[1],)
@@ -212,9 +213,10 @@ def test_backward_apply(dtype, channels_last, relu, training, residual_grad, wit
     grad_out, out, y, mean, var, gamma = backward_case(shape, dtype, channels_last, relu, seed=20)
     gamma = gamma if with_gamma else None
     sum_g, sum_g_xhat = (s.to(acc(dtype)) for s in reference.bn_act_backward_reduce(
-        *double((grad_out, out, y, mean, var, EPS, relu))))
+        *double((grad_out, out, y, mean, var, None, None, EPS, *act_args(relu)))))
     count = y.numel() // shape[1]
-    args = (grad_out, out, y, mean, var, gamma, EPS, sum_g, sum_g_xhat, count, training, relu, residual_grad)
+    args = (grad_out, out, y, mean, var, gamma, None, EPS, sum_g, sum_g_xhat, count, training, *act_args(relu),
+            residual_grad)
     dy, d_res = ops.bn_act_backward_apply(*args)
     exact, unfused = reference.bn_act_backward_apply(*double(args)), reference.bn_act_backward_apply(*args)
     assert_close(dy, exact[0], unfused[0])
@@ -229,8 +231,9 @@ def test_backward_apply(dtype, channels_last, relu, training, residual_grad, wit
 def test_backward_count_from_argument():
     """Under SyncBatchNorm the statistics cover more values than this tensor holds: count wins."""
     grad_out, out, y, mean, var, gamma = backward_case(SHAPES["odd"], torch.float64, False, True, seed=30)
-    sum_g, sum_g_xhat = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, EPS, True)
-    args = (grad_out, out, y, mean, var, gamma, EPS, sum_g * 3, sum_g_xhat * 3, 3 * y.numel() // 5, True, True, False)
+    sum_g, sum_g_xhat = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, EPS, *act_args(True))
+    args = (grad_out, out, y, mean, var, gamma, None, EPS, sum_g * 3, sum_g_xhat * 3, 3 * y.numel() // 5, True,
+            *act_args(True), False)
     assert max_rel_error(ops.bn_act_backward_apply(*args)[0], reference.bn_act_backward_apply(*args)[0]) < 1e-12
 
 
@@ -245,7 +248,8 @@ def test_relu_mask_and_eval_ignores_sums():
     grad_out[0, 1, 1, 1] = float("nan")
     m, v = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     sums = torch.full((2,), float("nan"), dtype=torch.float64)
-    dy, d_res = ops.bn_act_backward_apply(grad_out, out, y, m, v, None, 0.0, sums, sums, 24, False, True, True)
+    dy, d_res = ops.bn_act_backward_apply(grad_out, out, y, m, v, None, None, 0.0, sums, sums, 24, False,
+                                          *act_args(True), True)
     expected = torch.ops.aten.threshold_backward(grad_out, out, 0.0)
     torch.testing.assert_close(d_res, expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(dy, expected, rtol=0, atol=0, equal_nan=True)
@@ -305,9 +309,10 @@ def test_operands_in_other_layouts():
     grad_out = activation(SHAPES["k67"], torch.float32, True, seed=53)
 
     def run(res, grad):
-        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, res, True)
-        sums = ops.bn_act_backward_reduce(grad, out, y, mean, var, EPS, True)
-        back = ops.bn_act_backward_apply(grad, out, y, mean, var, gamma, EPS, *sums, 30, True, True, True)
+        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, res, *act_args(True))
+        sums = ops.bn_act_backward_reduce(grad, out, y, mean, var, None, None, EPS, *act_args(True))
+        back = ops.bn_act_backward_apply(grad, out, y, mean, var, gamma, None, EPS, *sums, 30, True, *act_args(True),
+                                         True)
         return out, *sums, *back
 
     expected = run(residual, grad_out)
@@ -325,9 +330,10 @@ def test_non_dense_y_is_treated_as_nchw():
     assert not y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
     mean, var = ops.bn_stats(y)
     assert max_rel_error(var, reference.bn_stats(y.double())[1]) < 1e-5
-    out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, False)
+    out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, *act_args(False))
     assert out.is_contiguous()
-    torch.testing.assert_close(out, ops.bn_act_apply(y.contiguous(), mean, var, None, None, EPS, None, False))
+    torch.testing.assert_close(out, ops.bn_act_apply(y.contiguous(), mean, var, None, None, EPS, None,
+                                                     *act_args(False)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -341,8 +347,9 @@ def test_reductions_do_not_depend_on_thread_count(channels_last):
         for n in (1, 2):
             torch.set_num_threads(n)
             mean, var = ops.bn_stats(y)
-            out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, True)
-            results.append((mean, var, *ops.bn_act_backward_reduce(grad_out, out, y, mean, var, EPS, True)))
+            out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, *act_args(True))
+            results.append((mean, var, *ops.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, EPS,
+                                                                   *act_args(True))))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -357,15 +364,17 @@ def op_cases(channels_last):
     mean, var = batch_stats(y)
     gamma, beta = channel_params(5, 71)
     residual = activation(SHAPES["odd"], torch.float32, channels_last, seed=72)
-    out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, residual, True)
-    sums = ops.bn_act_backward_reduce(residual, out, y, mean, var, EPS, True)
+    out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, residual, *act_args(True))
+    sums = ops.bn_act_backward_reduce(residual, out, y, mean, var, None, None, EPS, *act_args(True))
     return [
         (ops.bn_stats.default, (y,)),
-        (ops.bn_act_apply.default, (y, mean, var, gamma, beta, EPS, residual, True)),
-        (ops.bn_act_apply.default, (y, mean, var, None, None, EPS, None, False)),
-        (ops.bn_act_backward_reduce.default, (residual, out, y, mean, var, EPS, True)),
-        (ops.bn_act_backward_apply.default, (residual, out, y, mean, var, gamma, EPS, *sums, 315, True, True, True)),
-        (ops.bn_act_backward_apply.default, (residual, out, y, mean, var, None, EPS, *sums, 315, False, False, False)),
+        (ops.bn_act_apply.default, (y, mean, var, gamma, beta, EPS, residual, *act_args(True))),
+        (ops.bn_act_apply.default, (y, mean, var, None, None, EPS, None, *act_args(False))),
+        (ops.bn_act_backward_reduce.default, (residual, out, y, mean, var, None, None, EPS, *act_args(True))),
+        (ops.bn_act_backward_apply.default,
+         (residual, out, y, mean, var, gamma, None, EPS, *sums, 315, True, *act_args(True), True)),
+        (ops.bn_act_backward_apply.default,
+         (residual, out, y, mean, var, None, None, EPS, *sums, 315, False, *act_args(False), False)),
         (ops.bn_update_running_stats_.default, (torch.zeros(5), torch.ones(5), mean, var, 315, 0.1)),
     ]
 
@@ -386,9 +395,10 @@ def test_compiles_in_one_graph():
     def unit(y, grad_out, running_mean, running_var):
         mean, var = ops.bn_stats(y)
         ops.bn_update_running_stats_(running_mean, running_var, mean, var, 315, 0.1)
-        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, True)
-        sums = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, EPS, True)
-        return out, ops.bn_act_backward_apply(grad_out, out, y, mean, var, gamma, EPS, *sums, 315, True, True, False)
+        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, *act_args(True))
+        sums = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, EPS, *act_args(True))
+        return out, ops.bn_act_backward_apply(grad_out, out, y, mean, var, gamma, None, EPS, *sums, 315, True,
+                                              *act_args(True), False)
 
     running = [torch.zeros(5), torch.ones(5)], [torch.zeros(5), torch.ones(5)]
     compiled = torch.compile(unit, backend="aot_eager", fullgraph=True)
@@ -400,25 +410,25 @@ def test_compiles_in_one_graph():
 def test_bad_input_names_the_argument():
     y, m, v = torch.randn(2, 5, 3, 3), torch.zeros(5), torch.ones(5)
     with pytest.raises(RuntimeError, match=r"bn_act_apply: mean must be a 1-D tensor of length K=5.*got shape \[4\]"):
-        ops.bn_act_apply(y, m[:4], v, None, None, EPS, None, True)
+        ops.bn_act_apply(y, m[:4], v, None, None, EPS, None, *act_args(True))
     with pytest.raises(RuntimeError, match=r"bn_act_apply: gamma must be a 1-D tensor of length K=5"):
-        ops.bn_act_apply(y, m, v, torch.ones(6), None, EPS, None, True)
+        ops.bn_act_apply(y, m, v, torch.ones(6), None, EPS, None, *act_args(True))
     with pytest.raises(RuntimeError, match="bn_stats: y must be float32, float16, bfloat16 or float64, got torch.int"):
         ops.bn_stats(y.long())
     with pytest.raises(RuntimeError, match="bn_stats: y must be a 4-D"):
         ops.bn_stats(y[0])
     with pytest.raises(RuntimeError, match="residual dtype torch.float64 does not match y dtype torch.float32"):
-        ops.bn_act_apply(y, m, v, None, None, EPS, y.double(), True)
+        ops.bn_act_apply(y, m, v, None, None, EPS, y.double(), *act_args(True))
     with pytest.raises(RuntimeError, match=r"bn_act_backward_reduce: out must have y's shape"):
-        ops.bn_act_backward_reduce(y, y[:1], y, m, v, EPS, True)
+        ops.bn_act_backward_reduce(y, y[:1], y, m, v, None, None, EPS, *act_args(True))
     with pytest.raises(RuntimeError, match="bn_act_backward_reduce: var must be a floating tensor, got torch.int64"):
-        ops.bn_act_backward_reduce(y, y, y, m, v.long(), EPS, True)
+        ops.bn_act_backward_reduce(y, y, y, m, v.long(), None, None, EPS, *act_args(True))
     with pytest.raises(RuntimeError, match="bn_act_backward_apply: sum_g must be a 1-D tensor of length K=5"):
-        ops.bn_act_backward_apply(y, y, y, m, v, None, EPS, m[:2], m, 18, True, True, False)
+        ops.bn_act_backward_apply(y, y, y, m, v, None, None, EPS, m[:2], m, 18, True, *act_args(True), False)
     with pytest.raises(RuntimeError, match="bn_act_backward_apply: count .* must be positive, got 0"):
-        ops.bn_act_backward_apply(y, y, y, m, v, None, EPS, m, m, 0, True, True, False)
+        ops.bn_act_backward_apply(y, y, y, m, v, None, None, EPS, m, m, 0, True, *act_args(True), False)
     with pytest.raises(RuntimeError, match="eps must be non-negative and finite"):
-        ops.bn_act_apply(y, m, v, None, None, -1.0, None, True)
+        ops.bn_act_apply(y, m, v, None, None, -1.0, None, *act_args(True))
     for count in (1, 0):
         with pytest.raises(RuntimeError, match=f"bn_update_running_stats_: count .* must be > 1 .*got {count}"):
             ops.bn_update_running_stats_(m.clone(), v.clone(), m, v, count, 0.1)
@@ -428,4 +438,4 @@ def test_bad_input_names_the_argument():
     # the CPU kernel is called directly.
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(RuntimeError, match="bn_act_apply: mean is on meta but y is on cpu"):
-        ops.bn_act_apply.default.redispatch(cpu, y, m.to("meta"), v, None, None, EPS, None, True)
+        ops.bn_act_apply.default.redispatch(cpu, y, m.to("meta"), v, None, None, EPS, None, *act_args(True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_low_precision_close, max_rel_error
+from helpers import act_args, assert_low_precision_close, max_rel_error
 from resnet_fused.ops import reference
 from resnet_fused.functional import conv_bn_act
 from resnet_fused.ops.shapes import span
@@ -240,11 +240,11 @@ def test_custom_op_contract():
     for channels_last in (True, False):
         x, weight, bn, residual, _ = make_case(SHAPES["3x3"], torch.float32, channels_last, True, 14)
         args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
-                residual, [1, 1], [1, 1], [1, 1], 1, True, False)
+                residual, [1, 1], [1, 1], [1, 1], 1, *act_args(True), False)
         torch.library.opcheck(triton_op.conv_bn_act_triton, args)
     x, weight, bn, residual, _ = make_grouped_case(GROUPED["resnext-4wide"], torch.float32, True, True, 17)
     args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
-            residual, [1, 1], [1, 1], [1, 1], 8, True, False)
+            residual, [1, 1], [1, 1], [1, 1], 8, *act_args(True), False)
     torch.library.opcheck(triton_op.conv_bn_act_triton, args)
 
 

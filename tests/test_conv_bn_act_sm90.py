@@ -32,11 +32,12 @@ ALIGNED = (
 def job(dtype, config, input_precision, use_int64=False, kernel_size=3, group_tile=1):
     element = "*" + TRITON_TYPE[dtype]
     signature = {name: "i64" if use_int64 else "i32" for name in INDEX_ARGS}
-    signature.update(x_ptr=element, w_ptr=element, res_ptr=element, out_ptr=element, eps="fp32")
+    signature.update(x_ptr=element, w_ptr=element, res_ptr=element, out_ptr=element, eps="fp32", act_a="fp32",
+                     act_b="fp32")
     signature.update({name: "*fp32" for name in PER_CHANNEL})
     constexprs = dict(
         UNIT_STRIDES, R=kernel_size, S=kernel_size, HAS_BIAS=True, HAS_BN_WEIGHT=True, HAS_BN_BIAS=True,
-        HAS_RESIDUAL=True, APPLY_RELU=True, GROUP_TILE=group_tile, INPUT_PRECISION=input_precision,
+        HAS_RESIDUAL=True, ACT=1, GROUP_TILE=group_tile, INPUT_PRECISION=input_precision,
         USE_INT64=use_int64, **config.kwargs,
     )
     return Job(KERNEL, signature, constexprs, config.num_warps, config.num_stages, ALIGNED)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import resnet_fused
-from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms
+from helpers import act_args, assert_low_precision_close, max_rel_error, randomize_batch_norms
 from resnet_fused import _extension
 from resnet_fused.ops import reference
 from test_conv_bn_act import SHAPES, exact_and_unfused, fused, make_case
@@ -56,7 +56,7 @@ def test_op_contract():
     for channels_last in (False, True):
         x, weight, bn, residual, _ = make_case(SHAPES["3x3-stride2"], torch.float32, channels_last, True, 121)
         args = (x, weight, torch.randn(weight.shape[0]), bn["bn_weight"], bn["bn_bias"], bn["running_mean"],
-                bn["running_var"], 1e-5, residual, [2, 2], [1, 1], [1, 1], 1, True)
+                bn["running_var"], 1e-5, residual, [2, 2], [1, 1], [1, 1], 1, *act_args(True))
         torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, args)
 
 

@@ -10,7 +10,7 @@ import torch
 from torchvision.models import resnet18, resnet50
 
 import resnet_fused
-from helpers import assert_low_precision_close, max_rel_error, randomize_batch_norms
+from helpers import act_args, assert_low_precision_close, max_rel_error, randomize_batch_norms
 from resnet_fused.ops import reference
 from resnet_fused.ops.triton import conv_bn_act as triton_op
 from test_conv_bn_act import SHAPES, fused, make_case
@@ -100,8 +100,8 @@ def test_every_autotuner_config(name, dtype):
     for config in triton_op.gpu_configs(dtype, x.shape[1], weight.shape[0]):
         out = triton_op.launch(
             x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5, residual,
-            [conv_args["stride"]] * 2, [conv_args["padding"]] * 2, [conv_args["dilation"]] * 2, 1, True, False,
-            config=config,
+            [conv_args["stride"]] * 2, [conv_args["padding"]] * 2, [conv_args["dilation"]] * 2, 1, *act_args(True),
+            False, config=config,
         )
         check(out, exact, unfused, dtype, True)
 
@@ -139,7 +139,7 @@ def test_grouped_conv_every_config_and_statistics(name, dtype):
     conv = (pair(conv_args["stride"]), pair(conv_args["padding"]), pair(conv_args["dilation"]), groups)
     for config in triton_op.gpu_configs(dtype, tile_c, tile_k):
         out = triton_op.launch(x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"],
-                               1e-5, residual, *conv, True, False, config=config)
+                               1e-5, residual, *conv, *act_args(True), False, config=config)
         check(out, exact, unfused, dtype, True)
     check(fused(x, weight, bn, residual, conv_args, "triton"), exact, unfused, dtype, True)
 
@@ -174,9 +174,9 @@ def test_op_contracts_on_gpu(backend):
     args = (x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
             residual, [1, 1], [1, 1], [1, 1])
     if backend == "triton":
-        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act_triton.default, (*args, 1, True, False))
+        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act_triton.default, (*args, 1, *act_args(True), False))
     else:
-        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, (*args, 1, True))
+        torch.library.opcheck(torch.ops.resnet_fused.conv_bn_act.default, (*args, 1, *act_args(True)))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -15,7 +15,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 import resnet_fused
 from helpers import (
-    TextbookBlock, assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms,
+    TextbookBlock, act_args, assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms,
     textbook_resnet,
 )
 from resnet_fused import FusedConv2d, functional
@@ -49,7 +49,7 @@ def call_op(ops, running, backend, relu, batch_stats, eps=1e-3, groups=1):
     mean, var = (None, None) if batch_stats else running
     return conv_bn_act_train(
         ops["x"], ops["weight"], ops["bias"], ops["bn_weight"], ops["bn_bias"], mean, var, eps, ops["residual"],
-        [1, 1], [1, 1], [1, 1], groups, relu, backend, False,
+        [1, 1], [1, 1], [1, 1], groups, *act_args(relu), backend, False,
     )[0]
 
 
@@ -108,7 +108,7 @@ def test_op_contract(backend):
                    for n, t in ops.items()}
         for mean, var in ((None, None), running):
             args = (ops["x"], ops["weight"], ops["bias"], ops["bn_weight"], ops["bn_bias"], mean, var, 1e-5,
-                    ops["residual"], [1, 1], [1, 1], [1, 1], 1, True, backend, False)
+                    ops["residual"], [1, 1], [1, 1], [1, 1], 1, *act_args(True), backend, False)
             torch.library.opcheck(conv_bn_act_train, args)
 
 

@@ -73,11 +73,12 @@ ACTIVATIONS = {
 }
 PER_CHANNEL = ("mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr", "sum_g_ptr", "sum_gx_ptr", "part_g_ptr", "part_gx_ptr")
 FLAGS = {
-    "_bn_act_fwd_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RESIDUAL=True, APPLY_RELU=True),
-    "_bn_act_bwd_reduce_kernel": dict(APPLY_RELU=True, STEPS=bn_act._REDUCE_STEPS),
-    "_bn_act_bwd_kernel": dict(HAS_GAMMA=True, TRAINING=True, APPLY_RELU=True, RESIDUAL_GRAD=True),
+    "_bn_act_fwd_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RESIDUAL=True, ACT=1),
+    "_bn_act_bwd_reduce_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, ACT=1, STEPS=bn_act._REDUCE_STEPS),
+    "_bn_act_bwd_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, TRAINING=True, ACT=1, RESIDUAL_GRAD=True),
 }
-SCALARS = {"eps": "fp32", "count": "fp32", "K": "i32", "L": "i32", "LB": "i32", "LS": "i32"}
+SCALARS = {"eps": "fp32", "count": "fp32", "act_a": "fp32", "act_b": "fp32", "K": "i32", "L": "i32", "LB": "i32",
+           "LS": "i32"}
 
 
 def bn_act_job(name, dtype, channels_last, use_int64=False):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from helpers import max_rel_error
+from helpers import act_args, max_rel_error
 from resnet_fused.ops import reference
 from resnet_fused.ops.triton import bn_act, conv_bn_stats
 
@@ -172,8 +172,8 @@ def test_bn_act_apply_matches_reference(name, layout, with_residual, relu, affin
     y, mean, var, pc, residual, _ = bn_case(BN_SHAPES[name], layout, 10)
     gamma, beta = (pc["gamma"], pc["beta"]) if affine else (None, None)
     residual = residual if with_residual else None
-    out = bn_act.bn_act_apply_triton(y, mean, var, gamma, beta, 1e-3, residual, relu)
-    exact = reference.bn_act_apply(d(y), d(mean), d(var), d(gamma), d(beta), 1e-3, d(residual), relu)
+    out = bn_act.bn_act_apply_triton(y, mean, var, gamma, beta, 1e-3, residual, *act_args(relu))
+    exact = reference.bn_act_apply(d(y), d(mean), d(var), d(gamma), d(beta), 1e-3, d(residual), *act_args(relu))
     assert out.dtype == y.dtype and out.is_contiguous(memory_format=CL[layout])
     assert max_rel_error(out, exact) < 1e-5
 
@@ -184,15 +184,16 @@ def test_bn_act_apply_small_tiles_mixed_layouts_and_broadcast():
     y, mean, var, pc, residual, _ = bn_case(BN_SHAPES["wide"], "nhwc", 11)
     gamma = torch.randn(2 * y.shape[1], dtype=torch.float64)[::2]
     for res in (residual.contiguous(), torch.randn(1, y.shape[1], 1, 1).expand(y.shape)):
-        out = bn_act.apply_launch(y, mean.double(), var, gamma, pc["beta"], 1e-5, res, True, blocks=SMALL_BLOCKS)
-        exact = reference.bn_act_apply(d(y), d(mean), d(var), d(gamma), d(pc["beta"]), 1e-5, d(res), True)
+        out = bn_act.apply_launch(y, mean.double(), var, gamma, pc["beta"], 1e-5, res, *act_args(True),
+                                  blocks=SMALL_BLOCKS)
+        exact = reference.bn_act_apply(d(y), d(mean), d(var), d(gamma), d(pc["beta"]), 1e-5, d(res), *act_args(True))
         assert max_rel_error(out, exact) < 1e-5
 
 
 def test_bn_act_apply_relu_propagates_nan():
     y, mean, var, _, _, _ = bn_case(BN_SHAPES["small"], "nhwc", 12)
     y[0, :, 1, 1] = float("nan")
-    out = bn_act.bn_act_apply_triton(y, mean, var, None, None, 1e-5, None, True)
+    out = bn_act.bn_act_apply_triton(y, mean, var, None, None, 1e-5, None, *act_args(True))
     assert out[0, :, 1, 1].isnan().all() and not out[0, :, 0, 0].isnan().any()
 
 
@@ -202,12 +203,13 @@ def test_bn_act_apply_relu_propagates_nan():
 @pytest.mark.parametrize("name", BN_SHAPES)
 def test_bn_act_backward_reduce_matches_reference(name, layout, relu, small_blocks):
     y, mean, var, pc, residual, grad_out = bn_case(BN_SHAPES[name], layout, 13)
-    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, relu)
+    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, *act_args(relu))
+    act = (None, None, 1e-5, *act_args(relu))  # gamma, beta (unread: no activation needs z here), eps, activation
     if small_blocks:
-        sum_g, sum_gx = bn_act.backward_reduce_launch(grad_out, out, y, mean, var, 1e-5, relu, blocks=SMALL_BLOCKS, steps=2)
+        sum_g, sum_gx = bn_act.backward_reduce_launch(grad_out, out, y, mean, var, *act, blocks=SMALL_BLOCKS, steps=2)
     else:
-        sum_g, sum_gx = bn_act.bn_act_backward_reduce_triton(grad_out, out, y, mean, var, 1e-5, relu)
-    exact_g, exact_gx = reference.bn_act_backward_reduce(d(grad_out), d(out), d(y), d(mean), d(var), 1e-5, relu)
+        sum_g, sum_gx = bn_act.bn_act_backward_reduce_triton(grad_out, out, y, mean, var, *act)
+    exact_g, exact_gx = reference.bn_act_backward_reduce(d(grad_out), d(out), d(y), d(mean), d(var), *act)
     assert sum_g.dtype == sum_gx.dtype == torch.float32 and sum_g.shape == (y.shape[1],)
     assert max_rel_error(sum_g, exact_g) < 1e-5
     assert max_rel_error(sum_gx, exact_gx) < 1e-5
@@ -215,8 +217,9 @@ def test_bn_act_backward_reduce_matches_reference(name, layout, relu, small_bloc
 
 def test_bn_act_backward_reduce_is_deterministic():
     y, mean, var, pc, residual, grad_out = bn_case(BN_SHAPES["wide"], "nchw", 14)
-    first = bn_act.backward_reduce_launch(grad_out, y, y, mean, var, 1e-5, True, blocks=SMALL_BLOCKS, steps=1)
-    second = bn_act.backward_reduce_launch(grad_out, y, y, mean, var, 1e-5, True, blocks=SMALL_BLOCKS, steps=1)
+    args = (grad_out, y, y, mean, var, None, None, 1e-5, *act_args(True))
+    first = bn_act.backward_reduce_launch(*args, blocks=SMALL_BLOCKS, steps=1)
+    second = bn_act.backward_reduce_launch(*args, blocks=SMALL_BLOCKS, steps=1)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -229,10 +232,11 @@ def test_bn_act_backward_reduce_is_deterministic():
 def test_bn_act_backward_apply_matches_reference(layout, training, relu, residual_grad, affine):
     y, mean, var, pc, residual, grad_out = bn_case(BN_SHAPES["small"], layout, 15)
     gamma = pc["gamma"] if affine else None
-    out = reference.bn_act_apply(y, mean, var, gamma, pc["beta"], 1e-5, residual, relu)
-    sum_g, sum_gx = reference.bn_act_backward_reduce(grad_out, out, y, mean, var, 1e-5, relu)
+    out = reference.bn_act_apply(y, mean, var, gamma, pc["beta"], 1e-5, residual, *act_args(relu))
+    sum_g, sum_gx = reference.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, 1e-5, *act_args(relu))
     count = y.numel() // y.shape[1]
-    args = (grad_out, out, y, mean, var, gamma, 1e-5, sum_g, sum_gx, count, training, relu, residual_grad)
+    args = (grad_out, out, y, mean, var, gamma, None, 1e-5, sum_g, sum_gx, count, training, *act_args(relu),
+            residual_grad)
     dy, d_res = bn_act.bn_act_backward_apply_triton(*args)
     exact_dy, exact_res = reference.bn_act_backward_apply(*(d(a) if isinstance(a, torch.Tensor) else a for a in args))
     assert dy.dtype == y.dtype and dy.is_contiguous(memory_format=CL[layout])
@@ -247,10 +251,11 @@ def test_bn_act_backward_apply_matches_reference(layout, training, relu, residua
 def test_bn_act_backward_apply_small_tiles_mixed_layouts():
     """grad_out in NCHW (as autograd often hands it) against a channels_last y."""
     y, mean, var, pc, residual, grad_out = bn_case(BN_SHAPES["wide"], "nhwc", 16)
-    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, True)
-    sum_g, sum_gx = reference.bn_act_backward_reduce(grad_out, out, y, mean, var, 1e-5, True)
+    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, *act_args(True))
+    sum_g, sum_gx = reference.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, 1e-5, *act_args(True))
     count = y.numel() // y.shape[1]
-    args = (grad_out.contiguous(), out, y, mean, var, pc["gamma"], 1e-5, sum_g, sum_gx, count, True, True, True)
+    args = (grad_out.contiguous(), out, y, mean, var, pc["gamma"], None, 1e-5, sum_g, sum_gx, count, True,
+            *act_args(True), True)
     dy, d_res = bn_act.backward_apply_launch(*args, blocks=SMALL_BLOCKS)
     exact_dy, exact_res = reference.bn_act_backward_apply(*(d(a) if isinstance(a, torch.Tensor) else a for a in args))
     assert dy.is_contiguous(memory_format=torch.channels_last)
@@ -275,10 +280,11 @@ def test_update_running_stats_matches_reference(dtype, momentum):
 def test_empty_inputs():
     y = torch.randn(0, 4, 3, 3)
     zeros, ones = torch.zeros(4), torch.ones(4)
-    assert bn_act.bn_act_apply_triton(y, zeros, ones, None, None, 1e-5, None, True).shape == y.shape
-    sum_g, sum_gx = bn_act.bn_act_backward_reduce_triton(y, y, y, zeros, ones, 1e-5, True)
+    assert bn_act.bn_act_apply_triton(y, zeros, ones, None, None, 1e-5, None, *act_args(True)).shape == y.shape
+    sum_g, sum_gx = bn_act.bn_act_backward_reduce_triton(y, y, y, zeros, ones, None, None, 1e-5, *act_args(True))
     assert torch.equal(sum_g, zeros) and torch.equal(sum_gx, zeros)
-    dy, d_res = bn_act.bn_act_backward_apply_triton(y, y, y, zeros, ones, None, 1e-5, zeros, zeros, 1, False, True, True)
+    dy, d_res = bn_act.bn_act_backward_apply_triton(y, y, y, zeros, ones, None, None, 1e-5, zeros, zeros, 1, False,
+                                                    *act_args(True), True)
     assert dy.shape == d_res.shape == y.shape
 
 
@@ -286,15 +292,18 @@ def test_bn_act_custom_op_contracts():
     """torch.library.opcheck: schema, fake (meta) kernels, mutation and dispatch agree."""
     for layout in CL:
         y, mean, var, pc, residual, grad_out = bn_case((2, 3, 4, 5), layout, 17)
-        out = bn_act.bn_act_apply_triton(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, True)
-        torch.library.opcheck(bn_act.bn_act_apply_triton, (y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, True))
-        torch.library.opcheck(bn_act.bn_act_apply_triton, (y, mean, var, None, None, 1e-5, None, False))
-        torch.library.opcheck(bn_act.bn_act_backward_reduce_triton, (grad_out, out, y, mean, var, 1e-5, True))
-        sum_g, sum_gx = bn_act.bn_act_backward_reduce_triton(grad_out, out, y, mean, var, 1e-5, True)
+        out = bn_act.bn_act_apply_triton(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, *act_args(True))
+        torch.library.opcheck(bn_act.bn_act_apply_triton,
+                              (y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, *act_args(True)))
+        torch.library.opcheck(bn_act.bn_act_apply_triton, (y, mean, var, None, None, 1e-5, None, *act_args(False)))
+        reduce_args = (grad_out, out, y, mean, var, None, None, 1e-5, *act_args(True))
+        torch.library.opcheck(bn_act.bn_act_backward_reduce_triton, reduce_args)
+        sum_g, sum_gx = bn_act.bn_act_backward_reduce_triton(*reduce_args)
         for residual_grad in (True, False):
             torch.library.opcheck(
                 bn_act.bn_act_backward_apply_triton,
-                (grad_out, out, y, mean, var, pc["gamma"], 1e-5, sum_g, sum_gx, 40, True, True, residual_grad),
+                (grad_out, out, y, mean, var, pc["gamma"], None, 1e-5, sum_g, sum_gx, 40, True, *act_args(True),
+                 residual_grad),
             )
     torch.library.opcheck(bn_act.bn_update_running_stats_triton_, (torch.zeros(3), torch.ones(3), torch.randn(3),
                                                                    torch.rand(3), 40, 0.1))
