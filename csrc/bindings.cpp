@@ -87,13 +87,18 @@ pybind11::dict cuda_conv_plan(const std::vector<int64_t>& input_shape, const std
                               const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                               const std::vector<int64_t>& dilation, int64_t groups, const std::string& dtype,
                               bool channels_last, std::pair<int, int> capability, int sm_count,
-                              std::optional<bool> sm90a, std::optional<std::vector<int>> sm80_cubins) {
+                              std::optional<bool> sm90a, std::optional<std::vector<int>> sm80_cubins, int64_t act) {
+  if (act < 0 || act >= resnet_fused::kNumActKinds) {
+    throw std::invalid_argument("unknown activation code " + std::to_string(act) + "; known: " +
+                                resnet_fused::kActKindList);
+  }
   const plan::ConvShape s =
       make_shape(input_shape, weight_shape, stride, padding, dilation, groups, dtype, channels_last);
   plan::Build b = plan::compiled_build();
   if (sm90a.has_value()) b.sm90a = *sm90a;
   if (sm80_cubins.has_value()) b.sm80_cubins = *sm80_cubins;
-  const plan::Plan p = plan::plan_launch(s, plan::Device{capability.first, capability.second, sm_count}, b);
+  const plan::Plan p = plan::plan_launch(s, plan::Device{capability.first, capability.second, sm_count}, b,
+                                         static_cast<resnet_fused::ActKind>(act));
   pybind11::dict d;
   d["kernel"] = p.fused() ? pybind11::object(pybind11::str(p.name())) : pybind11::object(pybind11::none());
   d["reason"] = p.reason;
@@ -191,13 +196,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "Build configuration: with_cuda, cuda_archs, cuda_version, torch_version");
   m.def("cuda_conv_plan", &cuda_conv_plan,
         "The cuda backend's choice for one conv_bn_act: {kernel (None = cuDNN + epilogue), reason, "
-        "convert_layout, tile, output_shape}. Defaults: an H100 (capability (9, 0), 132 SMs) and this build's kernels; "
-        "like the op, it follows cuda_conv_enable_sm90.",
+        "convert_layout, tile, output_shape}. Defaults: an H100 (capability (9, 0), 132 SMs), this build's kernels "
+        "and ReLU (act: resnet_fused.ops.activation.Kind's code); like the op, it follows cuda_conv_enable_sm90.",
         py::arg("input_shape"), py::arg("weight_shape"), py::arg("stride") = std::vector<int64_t>{1, 1},
         py::arg("padding") = std::vector<int64_t>{0, 0}, py::arg("dilation") = std::vector<int64_t>{1, 1},
         py::arg("groups") = 1, py::arg("dtype") = "float16", py::arg("channels_last") = true,
         py::arg("capability") = std::pair<int, int>{9, 0}, py::arg("sm_count") = 132, py::arg("sm90a") = py::none(),
-        py::arg("sm80_cubins") = py::none());
+        py::arg("sm80_cubins") = py::none(), py::arg("act") = 1);
   m.def("cuda_conv_kernels", &cuda_conv_kernels, "Every CUTLASS kernel configuration and whether this build has it");
   m.def("cuda_conv_build", [] { return build_dict(plan::compiled_build()); },
         "The CUTLASS kernel families in this build: {sm90a: bool, sm80_cubins: [arch, ...]}");

@@ -64,9 +64,10 @@ inline Chunking make_chunking(const BnActView& v, int64_t plane_len, int64_t row
 }
 
 // The per-channel inputs of bn_act_backward_apply, contiguous (K,) in the
-// accumulation type; gamma undefined means 1, the sums are undefined in eval.
+// accumulation type; gamma/beta undefined mean 1/0 (beta is read only to
+// recompute z, see needs_preactivation), the sums are undefined in eval.
 struct BnBackwardInputs {
-  at::Tensor mean, var, gamma, sum_g, sum_g_xhat;
+  at::Tensor mean, var, gamma, beta, sum_g, sum_g_xhat;
   double eps;
   int64_t count;
   bool training;
@@ -74,22 +75,22 @@ struct BnBackwardInputs {
 
 // What a device provides. Inputs are checked and dense (see the layout rule);
 // outputs are allocated; numel() > 0. `out` (the forward output) is only read
-// for the ReLU mask and is undefined when relu is false.
+// for the ReLU mask and is undefined for every other activation.
 struct BnActKernels {
   // mean, var: (K,) acc, written.
   void (*stats)(const at::Tensor& y, const BnActView& v, at::Tensor& mean, at::Tensor& var);
   // bn: mean/var in running_mean/running_var, gamma/beta in bn_weight/bn_bias,
   // no conv_bias. residual: undefined when absent.
   void (*apply)(const at::Tensor& y, const ChannelParams& bn, const at::Tensor& residual, const BnActView& v,
-                bool relu, at::Tensor& out);
-  // sum_g, sum_g_xhat: (K,) acc, written.
+                const Activation<double>& act, at::Tensor& out);
+  // bn as for apply (gamma/beta read only to recompute z). sum_g, sum_g_xhat: (K,) acc, written.
   void (*backward_reduce)(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
-                          const at::Tensor& mean, const at::Tensor& var, double eps, const BnActView& v, bool relu,
+                          const ChannelParams& bn, const BnActView& v, const Activation<double>& act,
                           at::Tensor& sum_g, at::Tensor& sum_g_xhat);
   // d_residual: undefined when not wanted.
   void (*backward_apply)(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
-                         const BnBackwardInputs& p, const BnActView& v, bool relu, at::Tensor& dy,
-                         at::Tensor& d_residual);
+                         const BnBackwardInputs& p, const BnActView& v, const Activation<double>& act,
+                         at::Tensor& dy, at::Tensor& d_residual);
   // running = momentum * batch * factor + (1 - momentum) * running, in place;
   // running contiguous, batch contiguous in running's accumulation type.
   void (*running_stat)(at::Tensor& running, const at::Tensor& batch, double factor, double momentum);
@@ -169,9 +170,10 @@ inline std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& y_in, const
 
 inline at::Tensor bn_act_apply(const at::Tensor& y_in, const at::Tensor& mean, const at::Tensor& var,
                                const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
-                               double eps, const std::optional<at::Tensor>& residual, bool relu,
-                               const BnActKernels& kernels) {
+                               double eps, const std::optional<at::Tensor>& residual, int64_t act_code,
+                               double act_a, double act_b, const BnActKernels& kernels) {
   constexpr const char* op = "bn_act_apply";
+  const Activation<double> act = make_activation(act_code, act_a, act_b, op);
   bn_detail::check_activation(y_in, op, "y");
   const int64_t K = y_in.size(1);
   bn_detail::check_channel(mean, op, "mean", K, y_in);
@@ -189,22 +191,27 @@ inline at::Tensor bn_act_apply(const at::Tensor& y_in, const at::Tensor& mean, c
   const auto acc = at::toOpMathType(y.scalar_type());
   const ChannelParams bn{at::Tensor(),          detail::to_acc(gamma, acc), detail::to_acc(beta, acc),
                          detail::to_acc(mean, acc), detail::to_acc(var, acc),  eps};
-  kernels.apply(y, bn, res, bn_detail::view_of(y, fmt), relu, out);
+  kernels.apply(y, bn, res, bn_detail::view_of(y, fmt), act, out);
   return out;
 }
 
 inline std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tensor& grad_out_in,
                                                                  const at::Tensor& out_in, const at::Tensor& y_in,
                                                                  const at::Tensor& mean, const at::Tensor& var,
-                                                                 double eps, bool relu,
+                                                                 const std::optional<at::Tensor>& gamma,
+                                                                 const std::optional<at::Tensor>& beta, double eps,
+                                                                 int64_t act_code, double act_a, double act_b,
                                                                  const BnActKernels& kernels) {
   constexpr const char* op = "bn_act_backward_reduce";
+  const Activation<double> act = make_activation(act_code, act_a, act_b, op);
   bn_detail::check_activation(y_in, op, "y");
   bn_detail::check_like(grad_out_in, op, "grad_out", y_in);
   bn_detail::check_like(out_in, op, "out", y_in);
   const int64_t K = y_in.size(1);
   bn_detail::check_channel(mean, op, "mean", K, y_in);
   bn_detail::check_channel(var, op, "var", K, y_in);
+  if (gamma.has_value()) bn_detail::check_channel(*gamma, op, "gamma", K, y_in);
+  if (beta.has_value()) bn_detail::check_channel(*beta, op, "beta", K, y_in);
   bn_detail::check_eps(eps, op);
 
   const auto acc = at::toOpMathType(y_in.scalar_type());
@@ -214,18 +221,21 @@ inline std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce(const at::Tenso
   const auto fmt = bn_detail::memory_format(y_in);
   const at::Tensor y = bn_detail::dense(y_in, fmt);
   // out is only read for the ReLU mask.
-  const at::Tensor out = relu ? bn_detail::dense(out_in, fmt) : at::Tensor();
-  kernels.backward_reduce(bn_detail::dense(grad_out_in, fmt), out, y, detail::to_acc(mean, acc),
-                          detail::to_acc(var, acc), eps, bn_detail::view_of(y, fmt), relu, sum_g, sum_g_xhat);
+  const at::Tensor out = act.kind == ActKind::kRelu ? bn_detail::dense(out_in, fmt) : at::Tensor();
+  const ChannelParams bn{at::Tensor(),          detail::to_acc(gamma, acc), detail::to_acc(beta, acc),
+                         detail::to_acc(mean, acc), detail::to_acc(var, acc),  eps};
+  kernels.backward_reduce(bn_detail::dense(grad_out_in, fmt), out, y, bn, bn_detail::view_of(y, fmt), act, sum_g,
+                          sum_g_xhat);
   return {sum_g, sum_g_xhat};
 }
 
 inline std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(
     const at::Tensor& grad_out_in, const at::Tensor& out_in, const at::Tensor& y_in, const at::Tensor& mean,
-    const at::Tensor& var, const std::optional<at::Tensor>& gamma, double eps, const at::Tensor& sum_g,
-    const at::Tensor& sum_g_xhat, int64_t count, bool training, bool relu, bool residual_grad,
-    const BnActKernels& kernels) {
+    const at::Tensor& var, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta, double eps,
+    const at::Tensor& sum_g, const at::Tensor& sum_g_xhat, int64_t count, bool training, int64_t act_code,
+    double act_a, double act_b, bool residual_grad, const BnActKernels& kernels) {
   constexpr const char* op = "bn_act_backward_apply";
+  const Activation<double> act = make_activation(act_code, act_a, act_b, op);
   bn_detail::check_activation(y_in, op, "y");
   bn_detail::check_like(grad_out_in, op, "grad_out", y_in);
   bn_detail::check_like(out_in, op, "out", y_in);
@@ -233,6 +243,7 @@ inline std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(
   bn_detail::check_channel(mean, op, "mean", K, y_in);
   bn_detail::check_channel(var, op, "var", K, y_in);
   if (gamma.has_value()) bn_detail::check_channel(*gamma, op, "gamma", K, y_in);
+  if (beta.has_value()) bn_detail::check_channel(*beta, op, "beta", K, y_in);
   if (training) {
     // In eval the batch sums are not part of the gradient and are not read.
     bn_detail::check_channel(sum_g, op, "sum_g", K, y_in);
@@ -252,15 +263,16 @@ inline std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply(
   const BnBackwardInputs p{detail::to_acc(mean, acc),
                            detail::to_acc(var, acc),
                            detail::to_acc(gamma, acc),
+                           detail::to_acc(beta, acc),
                            training ? detail::to_acc(sum_g, acc) : at::Tensor(),
                            training ? detail::to_acc(sum_g_xhat, acc) : at::Tensor(),
                            eps,
                            count,
                            training};
   const at::Tensor y = bn_detail::dense(y_in, fmt);
-  const at::Tensor out = relu ? bn_detail::dense(out_in, fmt) : at::Tensor();
+  const at::Tensor out = act.kind == ActKind::kRelu ? bn_detail::dense(out_in, fmt) : at::Tensor();
   at::Tensor d_res = residual_grad ? d_residual : at::Tensor();
-  kernels.backward_apply(bn_detail::dense(grad_out_in, fmt), out, y, p, bn_detail::view_of(y, fmt), relu, dy, d_res);
+  kernels.backward_apply(bn_detail::dense(grad_out_in, fmt), out, y, p, bn_detail::view_of(y, fmt), act, dy, d_res);
   return {dy, d_residual};
 }
 

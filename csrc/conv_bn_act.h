@@ -6,7 +6,7 @@
 //   shift = bn_bias + (bias - running_mean) * scale
 //
 // The convolution itself goes to at::convolution (oneDNN on CPU, cuDNN on
-// CUDA) without a bias; BN, residual add and ReLU run as one extra pass. scale
+// CUDA) without a bias; BN, residual add and activation run as one extra pass. scale
 // and shift come from the live BN tensors on every call: nothing is folded
 // into the weight or cached, so a changed parameter can never go stale.
 #pragma once
@@ -18,6 +18,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "epilogue.h"
@@ -37,12 +38,40 @@ struct ChannelParams {
   }
 };
 
+// The (code, a, b) activation arguments of an op, checked: an unknown code
+// is an error that lists the known ones (epilogue.h's ActKind).
+inline Activation<double> make_activation(int64_t code, double a, double b, const char* op) {
+  TORCH_CHECK(code >= 0 && code < kNumActKinds, op, ": unknown activation code ", code, "; known: ", kActKindList);
+  return {static_cast<ActKind>(code), a, b};
+}
+
+// The parameters in the kernel's accumulation type.
+template <typename acc_t>
+Activation<acc_t> activation_as(const Activation<double>& act) {
+  return {act.kind, static_cast<acc_t>(act.a), static_cast<acc_t>(act.b)};
+}
+
+// f(std::integral_constant<ActKind, K>{}) for the run-time kind: the CPU
+// loops take the kind as a template parameter, so each compiles branch-free.
+template <typename F>
+void with_activation(ActKind kind, F&& f) {
+  switch (kind) {
+    case ActKind::kIdentity: return f(std::integral_constant<ActKind, ActKind::kIdentity>{});
+    case ActKind::kRelu: return f(std::integral_constant<ActKind, ActKind::kRelu>{});
+    case ActKind::kHardtanh: return f(std::integral_constant<ActKind, ActKind::kHardtanh>{});
+    case ActKind::kLeakyRelu: return f(std::integral_constant<ActKind, ActKind::kLeakyRelu>{});
+    case ActKind::kSilu: return f(std::integral_constant<ActKind, ActKind::kSilu>{});
+    case ActKind::kHardswish: return f(std::integral_constant<ActKind, ActKind::kHardswish>{});
+  }
+  TORCH_CHECK(false, "unknown activation kind ", static_cast<int>(kind));
+}
+
 // out = act(out * scale[k] + shift[k] [+ residual]) in place. out is dense:
 // contiguous NCHW (channel of flat index i is (i / (H*W)) % K) or, when
 // channels_last, NHWC (channel is i % K). When given, residual has out's
 // sizes and strides, so both can be walked as flat arrays.
 using ConvBnActEpilogue = void (*)(at::Tensor& out, const ChannelParams& bn, const std::optional<at::Tensor>& residual,
-                                   bool channels_last, bool relu);
+                                   bool channels_last, const Activation<double>& act);
 
 namespace detail {
 
@@ -84,7 +113,7 @@ inline at::Tensor conv_bn_act(const at::Tensor& input, const at::Tensor& weight,
                               const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                               const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                              bool relu, ConvBnActEpilogue epilogue) {
+                              const Activation<double>& act, ConvBnActEpilogue epilogue) {
   using detail::dtype_name;
   TORCH_CHECK(input.dim() == 4, "conv_bn_act: input must be a 4-D (N, C, H, W) tensor, got ", input.dim(), "-D");
   const auto dtype = input.scalar_type();
@@ -155,7 +184,7 @@ inline at::Tensor conv_bn_act(const at::Tensor& input, const at::Tensor& weight,
   const ChannelParams bn{detail::to_acc(bias, acc),         detail::to_acc(bn_weight, acc),
                          detail::to_acc(bn_bias, acc),      detail::to_acc(running_mean, acc),
                          detail::to_acc(running_var, acc), eps};
-  epilogue(out, bn, res, channels_last, relu);
+  epilogue(out, bn, res, channels_last, act);
   return out;
 }
 

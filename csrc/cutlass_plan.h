@@ -11,13 +11,16 @@
 // The checks mirror what the kernels' own CUTLASS can_implement() tests (the
 // CUDA build also exposes those, as _C.cutlass_can_implement, and the CPU
 // tests assert that both agree), plus the rules of this project: 16-bit
-// dtypes only, groups == 1, tensors small enough for 32-bit offsets.
+// dtypes only, groups == 1, tensors small enough for 32-bit offsets, and an
+// activation the kernel's epilogue applies (sm90_applies).
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "epilogue.h"  // ActKind (plain C++ too)
 
 namespace resnet_fused {
 namespace cutlass_plan {
@@ -177,6 +180,29 @@ inline int pick_tile_n(const ConvShape& s, const Device& d) {
   return ctas128 < d.sm_count ? 64 : 128;
 }
 
+// The sm90 epilogue's activation is CUTLASS's Clamp with run-time bounds
+// (cutlass_sm90.cuh): [-inf, inf] is the identity, [0, inf] ReLU and [a, b]
+// Hardtanh. LeakyReLU, SiLU and Hardswish are no clamp; an sm90 functor with
+// run-time (kind, a, b) would need its own fusion callbacks in CUTLASS's
+// visitor tree, so on Hopper they take the exact path (one cuDNN conv and
+// one epilogue pass, which applies every kind). The sm80 epilogue is ours and
+// applies every kind at run time (cutlass_sm80.cuh).
+inline bool sm90_applies(ActKind act) {
+  return act == ActKind::kIdentity || act == ActKind::kRelu || act == ActKind::kHardtanh;
+}
+
+inline const char* act_name(ActKind act) {
+  switch (act) {
+    case ActKind::kIdentity: return "identity";
+    case ActKind::kRelu: return "ReLU";
+    case ActKind::kHardtanh: return "Hardtanh";
+    case ActKind::kLeakyRelu: return "LeakyReLU";
+    case ActKind::kSilu: return "SiLU";
+    case ActKind::kHardswish: return "Hardswish";
+  }
+  return "unknown";
+}
+
 inline int find_kernel(Arch arch, DType dtype, int tile_n) {
   for (int i = 0; i < kNumKernels; ++i) {
     const KernelConfig& k = kKernels[i];
@@ -189,8 +215,8 @@ inline int find_kernel(Arch arch, DType dtype, int tile_n) {
 
 // The exact shape-level decision; the caller adds the run-time ones (pointer
 // alignment, CUTLASS's own can_implement, launch status), each of which also
-// falls back to the exact path.
-inline Plan plan_conv(const ConvShape& s, const Device& d, const Build& b) {
+// falls back to the exact path. act: the activation the epilogue applies.
+inline Plan plan_conv(const ConvShape& s, const Device& d, const Build& b, ActKind act) {
   Plan plan;
   auto fallback = [&](const std::string& why) {
     plan.kernel = -1;
@@ -224,6 +250,10 @@ inline Plan plan_conv(const ConvShape& s, const Device& d, const Build& b) {
   std::string sm90_why;
   if (d.major == 9 && d.minor == 0 && b.sm90a) {
     sm90_why = detail::sm90_rejects(s);
+    if (sm90_why.empty() && !detail::sm90_applies(act)) {
+      return fallback(std::string("activation ") + detail::act_name(act) +
+                      ": the sm90 epilogue applies clamps only (identity, ReLU, Hardtanh)");
+    }
     if (sm90_why.empty()) {
       plan.kernel = detail::find_kernel(Arch::kSm90, s.dtype, tile_n);
       plan.reason = "sm90 TMA + wgmma, tile N " + std::to_string(tile_n);
@@ -254,9 +284,9 @@ inline std::atomic<bool>& sm90_enabled() {
 // The choice the cuda op makes for a launch: plan_conv over the kernels of
 // `build` that the run-time switch allows. The op calls this on every launch
 // and _C.cuda_conv_plan calls it too, so an inspected plan is the one that runs.
-inline Plan plan_launch(const ConvShape& s, const Device& d, Build build) {
+inline Plan plan_launch(const ConvShape& s, const Device& d, Build build, ActKind act) {
   build.sm90a = build.sm90a && sm90_enabled().load();
-  return plan_conv(s, d, build);
+  return plan_conv(s, d, build, act);
 }
 
 // What setup.py compiled into this binary (macros; none in a CPU-only build).

@@ -4,7 +4,7 @@
 //
 // Everything here works on the accumulation type acc_t (float for half and
 // bfloat16, see at::opmath_type; double for double): callers widen on load and
-// narrow on store, so the BN affine, residual add and ReLU round once.
+// narrow on store, so the BN affine, residual add and activation round once.
 #pragma once
 
 #include <float.h>
@@ -25,13 +25,6 @@ namespace resnet_fused {
 template <typename acc_t>
 RF_HOST_DEVICE inline acc_t relu(acc_t v) {
   return v < acc_t(0) ? acc_t(0) : v;
-}
-
-// out = act(y [+ residual]), the last two ops of a ResNet block.
-template <typename acc_t>
-RF_HOST_DEVICE inline acc_t residual_add_act(acc_t y, acc_t residual, bool has_residual, bool apply_relu) {
-  const acc_t v = has_residual ? y + residual : y;
-  return apply_relu ? relu(v) : v;
 }
 
 // a * b, rounded on its own. nvcc contracts `a * b + c` into an fma by default
@@ -56,6 +49,110 @@ RF_HOST_DEVICE inline double mul_rn(double a, double b) {
 // ::sqrt and round twice. Both are IEEE correctly rounded (no fast math).
 RF_HOST_DEVICE inline float sqrt_rn(float v) { return sqrtf(v); }
 RF_HOST_DEVICE inline double sqrt_rn(double v) { return sqrt(v); }
+
+// ---------------------------------------------------------------------------
+// Activations, once for every C++ kernel (the Triton twin is
+// ops/triton/activation.py, the specification reference.activate and
+// activate_grad: torch.nn.functional and ATen's backward functions). The
+// values are resnet_fused.ops.activation.Kind's, which the ops receive as an
+// int code with two float parameters a, b: Hardtanh's (min_val, max_val),
+// LeakyReLU's negative_slope in a; unused otherwise.
+enum class ActKind : int { kIdentity = 0, kRelu = 1, kHardtanh = 2, kLeakyRelu = 3, kSilu = 4, kHardswish = 5 };
+inline constexpr int kNumActKinds = 6;
+// For the error an unknown code raises.
+inline constexpr const char* kActKindList =
+    "0 (identity), 1 (ReLU), 2 (Hardtanh), 3 (LeakyReLU), 4 (SiLU), 5 (Hardswish)";
+
+template <typename acc_t>
+struct Activation {
+  ActKind kind;
+  acc_t a, b;
+};
+
+RF_HOST_DEVICE inline float exp_(float v) { return expf(v); }
+RF_HOST_DEVICE inline double exp_(double v) { return exp(v); }
+
+// act(v) for the kind K, a compile-time constant, so a CPU loop specialized
+// on it stays branch-free (and vectorizes). Every comparison is written so
+// that NaN propagates as in torch: it compares false and passes through.
+template <ActKind K, typename acc_t>
+RF_HOST_DEVICE inline acc_t activate(acc_t v, acc_t a, acc_t b) {
+  if constexpr (K == ActKind::kRelu) {
+    return relu(v);
+  } else if constexpr (K == ActKind::kHardtanh) {
+    return v < a ? a : (v > b ? b : v);  // torch.clamp's order
+  } else if constexpr (K == ActKind::kLeakyRelu) {
+    return v > acc_t(0) ? v : mul_rn(v, a);
+  } else if constexpr (K == ActKind::kSilu) {
+    return v / (acc_t(1) + exp_(-v));  // ATen's form; exp(-v) = inf gives -0
+  } else if constexpr (K == ActKind::kHardswish) {
+    const acc_t t = v + acc_t(3);
+    return mul_rn(v, t < acc_t(0) ? acc_t(0) : (t > acc_t(6) ? acc_t(6) : t)) / acc_t(6);  // ATen's order
+  } else {
+    return v;
+  }
+}
+
+// dL/dz from g = dL/d act(z): v is the output for ReLU (threshold_backward's
+// mask out <= 0, through which a NaN output passes its gradient), unused for
+// the identity, and the pre-activation z for every other kind, whose
+// derivative the output does not determine (needs_preactivation in
+// resnet_fused/ops/activation.py). Each branch is ATen's backward of the kind.
+template <ActKind K, typename acc_t>
+RF_HOST_DEVICE inline acc_t activate_grad(acc_t g, acc_t v, acc_t a, acc_t b) {
+  if constexpr (K == ActKind::kRelu) {
+    return v <= acc_t(0) ? acc_t(0) : g;
+  } else if constexpr (K == ActKind::kHardtanh) {
+    return (v <= a || v >= b) ? acc_t(0) : g;
+  } else if constexpr (K == ActKind::kLeakyRelu) {
+    return v > acc_t(0) ? g : mul_rn(g, a);
+  } else if constexpr (K == ActKind::kSilu) {
+    const acc_t s = acc_t(1) / (acc_t(1) + exp_(-v));
+    return mul_rn(mul_rn(g, s), acc_t(1) + mul_rn(v, acc_t(1) - s));
+  } else if constexpr (K == ActKind::kHardswish) {
+    return v <= acc_t(-3) ? acc_t(0) : (v < acc_t(3) ? mul_rn(g, v / acc_t(3) + acc_t(0.5)) : g);
+  } else {
+    return g;
+  }
+}
+
+// Whether the derivative reads the pre-activation z (see activate_grad).
+RF_HOST_DEVICE inline bool needs_preactivation(ActKind kind) {
+  return kind != ActKind::kIdentity && kind != ActKind::kRelu;
+}
+
+// The same with the kind known at run time (the CUDA kernels: a warp-uniform
+// branch costs nothing next to the memory traffic, and one kernel serves
+// every kind).
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t activate(acc_t v, const Activation<acc_t>& act) {
+  switch (act.kind) {
+    case ActKind::kRelu: return activate<ActKind::kRelu>(v, act.a, act.b);
+    case ActKind::kHardtanh: return activate<ActKind::kHardtanh>(v, act.a, act.b);
+    case ActKind::kLeakyRelu: return activate<ActKind::kLeakyRelu>(v, act.a, act.b);
+    case ActKind::kSilu: return activate<ActKind::kSilu>(v, act.a, act.b);
+    case ActKind::kHardswish: return activate<ActKind::kHardswish>(v, act.a, act.b);
+    default: return v;
+  }
+}
+
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t activate_grad(acc_t g, acc_t v, const Activation<acc_t>& act) {
+  switch (act.kind) {
+    case ActKind::kRelu: return activate_grad<ActKind::kRelu>(g, v, act.a, act.b);
+    case ActKind::kHardtanh: return activate_grad<ActKind::kHardtanh>(g, v, act.a, act.b);
+    case ActKind::kLeakyRelu: return activate_grad<ActKind::kLeakyRelu>(g, v, act.a, act.b);
+    case ActKind::kSilu: return activate_grad<ActKind::kSilu>(g, v, act.a, act.b);
+    case ActKind::kHardswish: return activate_grad<ActKind::kHardswish>(g, v, act.a, act.b);
+    default: return g;
+  }
+}
+
+// out = act(y [+ residual]), the last two ops of a ResNet block.
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t residual_add_act(acc_t y, acc_t residual, bool has_residual, const Activation<acc_t>& act) {
+  return activate(has_residual ? y + residual : y, act);
+}
 
 // Eval-mode BN of channel k as y * scale + shift:
 //   scale = gamma / sqrt(var + eps)
@@ -90,11 +187,50 @@ RF_HOST_DEVICE inline void bn_fold(const BnParams<acc_t>& p, int64_t k, acc_t& s
   shift = bn_shift(p.bias ? p.bias[k] : acc_t(0), p.conv_bias ? p.conv_bias[k] : acc_t(0), p.mean[k], scale);
 }
 
-// out = act(y * scale + shift [+ residual]) for one element of channel k.
+// The BN affine of one element of channel k: the pre-activation without
+// residual, as the forward computes it (the backward recomputes z with it).
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t bn_affine(acc_t y, acc_t scale, acc_t shift) {
+  return mul_rn(y, scale) + shift;
+}
+
+// out = act(y * scale + shift [+ residual]) for one element of channel k,
+// the kind a compile-time constant (CPU loops).
+template <ActKind K, typename acc_t>
+RF_HOST_DEVICE inline acc_t bn_residual_act(acc_t y, acc_t scale, acc_t shift, acc_t residual, bool has_residual,
+                                            acc_t a, acc_t b) {
+  const acc_t z = bn_affine(y, scale, shift);
+  return activate<K>(has_residual ? z + residual : z, a, b);
+}
+
+// The same with the kind known at run time (CUDA kernels).
 template <typename acc_t>
 RF_HOST_DEVICE inline acc_t bn_residual_act(acc_t y, acc_t scale, acc_t shift, acc_t residual, bool has_residual,
-                                            bool apply_relu) {
-  return residual_add_act(mul_rn(y, scale) + shift, residual, has_residual, apply_relu);
+                                            const Activation<acc_t>& act) {
+  return residual_add_act(bn_affine(y, scale, shift), residual, has_residual, act);
+}
+
+// g = dL/dz of one element of the training backward from its grad_out: ReLU
+// reads the forward output, the kinds that need z recompute it from the conv
+// output y with the forward's scale and shift (bn_fold). That z has no
+// residual: those kinds come without one under autograd (training.py).
+template <ActKind K, typename acc_t>
+RF_HOST_DEVICE inline acc_t preactivation_grad(acc_t grad_out, acc_t out, acc_t y, acc_t scale, acc_t shift, acc_t a,
+                                               acc_t b) {
+  if constexpr (K == ActKind::kRelu) {
+    return activate_grad<K>(grad_out, out, a, b);
+  } else if constexpr (K == ActKind::kIdentity) {
+    return grad_out;
+  } else {
+    return activate_grad<K>(grad_out, bn_affine(y, scale, shift), a, b);
+  }
+}
+
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t preactivation_grad(acc_t grad_out, acc_t out, acc_t y, acc_t scale, acc_t shift,
+                                               const Activation<acc_t>& act) {
+  if (act.kind == ActKind::kRelu) return activate_grad<ActKind::kRelu>(grad_out, out, act.a, act.b);
+  return needs_preactivation(act.kind) ? activate_grad(grad_out, bn_affine(y, scale, shift), act) : grad_out;
 }
 
 // ---------------------------------------------------------------------------
@@ -211,14 +347,6 @@ RF_HOST_DEVICE inline void moments_finalize(const Moments& m, acc_t& mean, acc_t
   }
   mean = static_cast<acc_t>(m.mean);
   var = static_cast<acc_t>(m.m2 / static_cast<double>(m.count));
-}
-
-// g = dL/d(pre-activation): grad_out masked by out > 0 when the op had a
-// ReLU. Zero only where out <= 0, as torch's threshold_backward: a NaN out
-// passes its gradient through.
-template <typename acc_t>
-RF_HOST_DEVICE inline acc_t relu_grad(acc_t grad_out, acc_t out, bool apply_relu) {
-  return apply_relu ? (out <= acc_t(0) ? acc_t(0) : grad_out) : grad_out;
 }
 
 // One element's share of the backward reductions: sum_g += g and

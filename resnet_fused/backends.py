@@ -28,7 +28,8 @@ class Backend:
     runs_on: Callable[[torch.device], bool]
     why_not: str
     # (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride,
-    #  padding, dilation, groups, relu, allow_tf32) -> out, arguments validated (functional.py).
+    #  padding, dilation, groups, act, act_a, act_b, allow_tf32) -> out, arguments validated
+    #  (functional.py); (act, act_a, act_b) is ops.activation.Activation.args.
     inference: Callable[..., torch.Tensor]
     kernels: Callable[[], Kernels]  # the training unit's pieces (training.py)
     # The unfused PyTorch ops: the oracle and the fallback, not a fused path.

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
+from .ops.activation import Kind
 from .convert import convert
 from .nn import (FOLDED, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks,
                  is_plain_conv)
@@ -412,7 +413,9 @@ def _freeze_convs(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     done: dict[int, nn.Module] = {}
 
     def frozen(child: nn.Module) -> nn.Module | None:
-        if isinstance(child, FusedConv2d) and child.folded_bn.running_mean is not None:
+        # FrozenConv2d applies ReLU or nothing; other activations stay with the fused conv.
+        frozen_act = isinstance(child, FusedConv2d) and child.act.kind in (Kind.IDENTITY, Kind.RELU)
+        if frozen_act and child.folded_bn.running_mean is not None:
             return FrozenConv2d.from_conv(child, child.folded_bn, child.relu, dtype)
         if is_plain_conv(child):
             return FrozenConv2d.from_conv(child, None, False, dtype)

@@ -15,10 +15,13 @@ from collections.abc import Sequence
 
 import torch
 
+from torch import nn
+
 from . import backends
+from .ops.activation import Activation, resolve
 from .ops.shapes import output_size
 from .sync_batch_norm import SyncConvBatchNormAct, sync_group_size
-from .training import conv_bn_act_train, kernels
+from .training import check_differentiable, conv_bn_act_train, kernels
 
 # The dtypes the fused kernels compute in; float64 models run the reference path.
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,11 +106,14 @@ def conv_bn_act(
     padding=0,
     dilation=1,
     groups: int = 1,
-    relu: bool = True,
+    relu: bool | None = None,
     backend: str = "auto",
+    act: Activation | nn.Module | None = None,
 ) -> torch.Tensor:
     """Inference: ``act(batch_norm(conv2d(x, weight) + bias) [+ residual])`` in one fused op,
-    BatchNorm in eval mode (running statistics), ``act`` = ReLU when ``relu``.
+    BatchNorm in eval mode (running statistics). The activation: ``act=`` (an
+    ``ops.activation.Activation`` or a stock module such as ``nn.SiLU()``), or ``relu=`` (True:
+    ReLU, False: none); neither: ReLU; both: a ValueError.
 
     fp32 inputs use TF32 exactly when PyTorch's own convolution would (cuDNN's TF32 setting).
     No autograd: callers that need gradients use ``reference`` (the fused modules do so).
@@ -117,10 +123,12 @@ def conv_bn_act(
                    "running_mean": running_mean, "running_var": running_var}
     if running_mean is None or running_var is None:
         raise ValueError("conv_bn_act: running_mean and running_var are required (eval-mode BatchNorm)")
+    activation = resolve(act, relu, "conv_bn_act")
     check_conv_bn_act(x, weight, per_channel, eps, residual, stride, padding, dilation, groups)
     chosen = backends.resolve(backend, x.device)
     return backends.get(chosen).inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                                          residual, stride, padding, dilation, groups, relu, conv_allows_tf32())
+                                          residual, stride, padding, dilation, groups, *activation.args,
+                                          conv_allows_tf32())
 
 
 def conv_allows_tf32() -> bool:
@@ -154,13 +162,16 @@ def conv_batch_norm_act(
     padding=0,
     dilation=1,
     groups: int = 1,
-    relu: bool = True,
+    relu: bool | None = None,
     backend: str = "auto",
     synchronize: bool = False,
     process_group=None,
+    act: Activation | nn.Module | None = None,
 ) -> torch.Tensor:
     """``act(bn(conv2d(x, weight) + bias) [+ residual])`` exactly as an ``nn.Conv2d`` followed
-    by an ``nn.BatchNorm2d`` in the given mode would compute it, differentiable.
+    by an ``nn.BatchNorm2d`` in the given mode and the activation would compute it,
+    differentiable. ``act``/``relu`` as in ``conv_bn_act``; under autograd an activation other
+    than ReLU and the identity cannot follow a residual (training.py says why).
 
     ``synchronize``: as ``nn.SyncBatchNorm`` with ``process_group`` (None: every process):
     in training, under an initialized ``torch.distributed`` with more than one process, the
@@ -177,20 +188,25 @@ def conv_batch_norm_act(
                    "running_mean": running_mean, "running_var": running_var}
     if (running_mean is None) != (running_var is None):
         raise ValueError("conv_batch_norm_act: give both running_mean and running_var, or neither")
+    activation = resolve(act, relu, "conv_batch_norm_act")
     check_conv_bn_act(x, weight, per_channel, eps, residual, stride, padding, dilation, groups)
     return run_unit(
         x, weight, running_mean, running_var, training, momentum, eps, bias, bn_weight, bn_bias, num_batches_tracked,
-        track_running_stats, residual, stride, padding, dilation, groups, relu, backends.resolve(backend, x.device),
-        synchronize, process_group,
+        track_running_stats, residual, stride, padding, dilation, groups, activation,
+        backends.resolve(backend, x.device), synchronize, process_group,
     )
 
 
 def run_unit(x, weight, running_mean, running_var, training, momentum, eps, bias, bn_weight, bn_bias,
-             num_batches_tracked, track_running_stats, residual, stride, padding, dilation, groups, relu, chosen,
-             synchronize, process_group) -> torch.Tensor:
+             num_batches_tracked, track_running_stats, residual, stride, padding, dilation, groups, act: Activation,
+             chosen, synchronize, process_group) -> torch.Tensor:
     """``conv_batch_norm_act``'s body, for callers that validated the arguments
     (``check_conv_bn_act``; stride, padding and dilation as lists of two ints) and resolved
     the backend (``chosen``) themselves: the fused modules, once per call."""
+    tensors = (x, weight, bias, bn_weight, bn_bias, residual)
+    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if recording:
+        check_differentiable(act, residual is not None)  # before num_batches_tracked moves
     # Which statistics, and whether to update the running ones: nn.BatchNorm2d's rules.
     factor = 0.0 if momentum is None else momentum
     if training and track_running_stats and num_batches_tracked is not None:
@@ -201,11 +217,10 @@ def run_unit(x, weight, running_mean, running_var, training, momentum, eps, bias
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")  # torch's words
     update = training and track_running_stats and running_mean is not None
 
-    tensors = (x, weight, bias, bn_weight, bn_bias, residual)
-    recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not batch_stats and not recording:
         return backends.get(chosen).inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                                              residual, stride, padding, dilation, groups, relu, conv_allows_tf32())
+                                              residual, stride, padding, dilation, groups, *act.args,
+                                              conv_allows_tf32())
 
     out_shape = (x.shape[0], weight.shape[0], *(
         output_size(*dims) for dims in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)))
@@ -213,7 +228,7 @@ def run_unit(x, weight, running_mean, running_var, training, momentum, eps, bias
     if synchronize and training and sync_group_size(process_group) > 1:
         group = process_group if process_group is not None else torch.distributed.group.WORLD
         out, mean, var, count = SyncConvBatchNormAct.apply(
-            x, weight, bias, bn_weight, bn_bias, residual, float(eps), stride, padding, dilation, groups, relu,
+            x, weight, bias, bn_weight, bn_bias, residual, float(eps), stride, padding, dilation, groups, act,
             chosen, conv_allows_tf32(), group,
         )
     elif batch_stats and count == 1:
@@ -222,7 +237,7 @@ def run_unit(x, weight, running_mean, running_var, training, momentum, eps, bias
     else:
         out, _, mean, var = conv_bn_act_train(
             x, weight, bias, bn_weight, bn_bias, None if batch_stats else running_mean,
-            None if batch_stats else running_var, float(eps), residual, stride, padding, dilation, groups, relu,
+            None if batch_stats else running_var, float(eps), residual, stride, padding, dilation, groups, *act.args,
             chosen, conv_allows_tf32(),
         )
     if update and count > 0:  # an empty batch leaves the running statistics alone, as in torch

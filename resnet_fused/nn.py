@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from . import backends, functional
 from .ops import reference
+from .ops.activation import IDENTITY, RELU, Activation, Kind, resolve
 from .ops.shapes import output_size
 
 
@@ -143,9 +144,13 @@ def norm_features(bn: nn.Module) -> int:
 
 
 class FusedConv2d(nn.Conv2d):
-    """``act(bn(conv(x)) [+ residual])`` as one op; ``act`` is ReLU when ``relu`` is set."""
+    """``act(bn(conv(x)) [+ residual])`` as one op. The activation: ``act=`` (an
+    ``ops.activation.Activation`` or a stock activation module: ``nn.SiLU()``, ``nn.ReLU6()``, ...)
+    or ``relu=`` (True: ReLU, False: none); neither: ReLU; both: a ValueError. In training, an
+    activation other than ReLU/none cannot follow a residual (training.py says why)."""
 
-    def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool, backend: str = "auto"):
+    def __init__(self, conv: nn.Conv2d, bn: FoldedBatchNorm2d, relu: bool | None = None, backend: str = "auto", *,
+                 act: Activation | nn.Module | None = None):
         if not isinstance(bn, FOLDED):
             raise TypeError("FusedConv2d needs the FoldedBatchNorm2d/FoldedSyncBatchNorm/FoldedFrozenBatchNorm2d that "
                             "now holds the BatchNorm's state")
@@ -154,6 +159,7 @@ class FusedConv2d(nn.Conv2d):
         if bn.num_features != conv.out_channels:
             raise ValueError(f"BatchNorm2d has {bn.num_features} features but the conv has {conv.out_channels} outputs")
         backends.check_backend_name(backend)
+        activation = resolve(act, relu, "FusedConv2d")
         super().__init__(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
             conv.dilation, conv.groups, conv.bias is not None, device="meta",
@@ -164,15 +170,33 @@ class FusedConv2d(nn.Conv2d):
         # A plain attribute, not a submodule: the BatchNorm's state is registered (and saved)
         # once, in its original slot.
         object.__setattr__(self, "folded_bn", bn)
-        self.relu = relu
+        self.act = activation
         self.backend = backend
         # Set when a block's add + ReLU ride in this conv's epilogue; residual_in_place when
         # that add was in place (``out += identity``), which keeps the conv output's dtype.
         self.residual_fused = False
         self.residual_in_place = False
 
+    @property
+    def relu(self) -> bool:
+        """Whether the activation is ReLU (convert's view: it fuses ReLU or nothing); setting it
+        sets ``act`` to ReLU or to the identity."""
+        return self.act.kind == Kind.RELU
+
+    @relu.setter
+    def relu(self, value: bool) -> None:
+        self.act = RELU if value else IDENTITY
+
+    def __setstate__(self, state):
+        # A module pickled before activations existed holds relu, not act.
+        if "act" not in state:
+            state["act"] = RELU if state.pop("relu", True) else IDENTITY
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
+        if self.act.kind in (Kind.IDENTITY, Kind.RELU):
+            return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
+        return f"{super().extra_repr()}, act={self.act}, backend={self.backend!r}"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, fx.Proxy) or isinstance(residual, fx.Proxy):
@@ -189,7 +213,7 @@ class FusedConv2d(nn.Conv2d):
         if isinstance(residual, torch.Tensor) and self.residual_in_place and residual.dtype != x.dtype != torch.float64:
             residual = residual.to(x.dtype)  # an in-place add does not promote
         if backends.get(backend).is_reference or not self._fusable(x, weight, residual):
-            return reference.conv_bn_act_modules(x, self, bn, residual, self.relu, self.residual_in_place)
+            return reference.conv_bn_act_modules(x, self, bn, residual, self.act, self.residual_in_place)
         if isinstance(bn, FoldedFrozenBatchNorm2d):
             # Eval-mode BatchNorm in every mode; its buffers take no gradient and no update.
             training, momentum, tracked, track = False, 0.0, None, True
@@ -205,7 +229,7 @@ class FusedConv2d(nn.Conv2d):
         return functional.run_unit(
             x, weight, bn.running_mean, bn.running_var, training, momentum, bn.eps, bias, bn.weight, bn.bias,
             tracked, track, residual, stride,
-            padding, dilation, self.groups, self.relu, backend, isinstance(bn, FoldedSyncBatchNorm),
+            padding, dilation, self.groups, self.act, backend, isinstance(bn, FoldedSyncBatchNorm),
             getattr(bn, "process_group", None),
         )
 

@@ -1,4 +1,4 @@
-"""Conv2d → SyncBatchNorm [→ + residual] [→ ReLU] across processes: the fused training unit with
+"""Conv2d → SyncBatchNorm [→ + residual] → activation across processes: the fused training unit with
 statistics over the global batch, on GPU (nccl) and on CPU (gloo) alike.
 
 ``nn.SyncBatchNorm`` itself refuses CPU tensors; this unit runs wherever its backend's kernels
@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .training import backward_unit, kernels, refuse_double_backward
+from .ops.activation import Activation
+from .training import backward_unit, kernels, refuse_double_backward, saved_for_activation
 
 
 def global_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -49,20 +50,20 @@ class SyncConvBatchNormAct(torch.autograd.Function):
     Returns ``(out, mean, var, count)``: global statistics for the running-stat update."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation, groups, relu,
-                backend, allow_tf32, group):
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, residual, eps, stride, padding, dilation, groups,
+                act: Activation, backend, allow_tf32, group):
         k = kernels(backend)
         y, mean, var = k.conv_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32)
         local_count = y.shape[0] * y.shape[2] * y.shape[3]
         mean, var, count = global_stats(mean, var, local_count, group)
         if count == 1:
             raise ValueError("Expected more than 1 value per channel when training, got a global batch of one value")
-        out = k.apply(y, mean, var, bn_weight, bn_bias, eps, residual, relu)
+        out = k.apply(y, mean, var, bn_weight, bn_bias, eps, residual, *act.args)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bn_weight, out if relu else None, y, mean, var)  # as training.py
+        ctx.save_for_backward(x, weight, bn_weight, *saved_for_activation(act, out, bn_bias), y, mean, var)
         ctx.conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, has_bias=bias is not None)
-        ctx.eps, ctx.relu, ctx.backend, ctx.group, ctx.count = eps, relu, backend, group, count
+        ctx.eps, ctx.act, ctx.backend, ctx.group, ctx.count = eps, act, backend, group, count
         ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
         ctx.has_residual = residual is not None
         return out, mean, var, count
@@ -71,9 +72,9 @@ class SyncConvBatchNormAct(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
         if grad_out is None:
             # Every process must still join the backward all_reduce: a zero gradient does.
-            grad_out = torch.zeros_like(ctx.saved_tensors[4])
+            grad_out = torch.zeros_like(ctx.saved_tensors[5])  # y
         refuse_double_backward()
-        x, weight, bn_weight, out, y, mean, var = ctx.saved_tensors
+        x, weight, bn_weight, out, bn_bias, y, mean, var = ctx.saved_tensors
         need = ctx.needs_input_grad
 
         def all_reduce(sum_g, sum_g_xhat):
@@ -82,8 +83,8 @@ class SyncConvBatchNormAct(torch.autograd.Function):
             return both.chunk(2)
 
         dx, dw, db, dgamma, dbeta, dres = backward_unit(
-            kernels(ctx.backend), grad_out, x, weight, bn_weight, out, y,
-            mean, var, ctx.eps, ctx.relu, True, ctx.count, ctx.conv, need_input=need[0], need_weight=need[1],
+            kernels(ctx.backend), grad_out, x, weight, bn_weight, bn_bias, out, y,
+            mean, var, ctx.eps, ctx.act, True, ctx.count, ctx.conv, need_input=need[0], need_weight=need[1],
             need_bias=need[2], need_gamma=need[3], need_beta=need[4], need_residual=need[5] and ctx.has_residual,
             all_reduce=all_reduce,
         )

@@ -9,6 +9,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from resnet_fused.ops.activation import IDENTITY, RELU
+
+
+def act_args(relu: bool) -> tuple[int, float, float]:
+    """The ops' (act, act_a, act_b) arguments of ReLU (``relu``) or no activation."""
+    return (RELU if relu else IDENTITY).args
+
 
 def randomize_batch_norms(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
     """Give every BatchNorm non-default running stats and affine parameters, so a fused path

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import resnet_fused
+from helpers import act_args
 from resnet_fused import backends
 
 
@@ -76,11 +77,11 @@ def test_cpp_op_checks_its_own_arguments():
     x, w, mean, var = operands()
     op = torch.ops.resnet_fused.conv_bn_act
     with pytest.raises(RuntimeError, match="expected input with 4 channels"):
-        op(x[:, :3], w, None, None, None, mean, var, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, True)
+        op(x[:, :3], w, None, None, None, mean, var, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, *act_args(True))
     with pytest.raises(RuntimeError, match="input must be a 4-D"):
-        op(x[0], w, None, None, None, mean, var, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, True)
+        op(x[0], w, None, None, None, mean, var, 1e-5, None, [1, 1], [0, 0], [1, 1], 1, *act_args(True))
     with pytest.raises(RuntimeError, match="eps must be non-negative"):
-        op(x, w, None, None, None, mean, var, -1.0, None, [1, 1], [0, 0], [1, 1], 1, True)
+        op(x, w, None, None, None, mean, var, -1.0, None, [1, 1], [0, 0], [1, 1], 1, *act_args(True))
 
 
 def test_unknown_and_unavailable_backends():

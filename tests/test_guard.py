@@ -82,8 +82,8 @@ def test_a_bad_inference_kernel_is_caught_once_and_the_model_stays_right(monkeyp
 def test_a_bad_training_kernel_is_caught_and_training_stays_right(monkeypatch):
     monkeypatch.setenv("RESNET_FUSED_VERIFY", "first")
 
-    def wrong_apply(y, mean, var, gamma, beta, eps, residual, relu):
-        return reference.bn_act_apply(y, mean, var, gamma, beta, eps, residual, relu) + 0.1
+    def wrong_apply(y, mean, var, gamma, beta, eps, residual, *act):
+        return reference.bn_act_apply(y, mean, var, gamma, beta, eps, residual, *act) + 0.1
 
     def wrong_update(running_mean, running_var, mean, var, count, momentum):
         reference.update_running_stats(running_mean, running_var, mean, var, count, momentum)

@@ -204,9 +204,10 @@ void stats_cpu(const at::Tensor& y, const BnActView& v, at::Tensor& mean, at::Te
 // out = act(y * scale + shift [+ residual]) over rows x cols (see the top).
 // y, residual, out: rows x cols, dense (residual unread unless kRes)
 // scale, shift:     (K,)
-template <typename scalar_t, bool kChannelsLast, bool kRes, bool kRelu>
+template <typename scalar_t, bool kChannelsLast, bool kRes, ActKind kAct>
 void apply_loop(const scalar_t* y, const scalar_t* residual, const at::opmath_type<scalar_t>* scale,
-                const at::opmath_type<scalar_t>* shift, int64_t rows, int64_t cols, int64_t K, scalar_t* out) {
+                const at::opmath_type<scalar_t>* shift, int64_t rows, int64_t cols, int64_t K,
+                at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> b, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [=](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -217,32 +218,42 @@ void apply_loop(const scalar_t* y, const scalar_t* residual, const at::opmath_ty
       const acc_t row_shift = kChannelsLast ? acc_t(0) : shift[row % K];
       for (int64_t j = 0; j < cols; ++j) {
         const acc_t res = kRes ? static_cast<acc_t>(rr[j]) : acc_t(0);
-        o[j] = static_cast<scalar_t>(bn_residual_act(static_cast<acc_t>(yr[j]), kChannelsLast ? scale[j] : row_scale,
-                                                     kChannelsLast ? shift[j] : row_shift, res, kRes, kRelu));
+        o[j] = static_cast<scalar_t>(bn_residual_act<kAct>(static_cast<acc_t>(yr[j]),
+                                                           kChannelsLast ? scale[j] : row_scale,
+                                                           kChannelsLast ? shift[j] : row_shift, res, kRes, a, b));
       }
     }
   });
 }
 
+// K scale/shift pairs of the BN affine (bn_fold), once per call, so each
+// element costs one multiply-add.
+template <typename acc_t>
+void fold_channels(const ChannelParams& bn, int64_t K, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const BnParams<acc_t> p = bn.pointers<acc_t>();
+  scale.resize(K);
+  shift.resize(K);
+  for (int64_t k = 0; k < K; ++k) bn_fold(p, k, scale[k], shift[k]);
+}
+
 void apply_cpu(const at::Tensor& y, const ChannelParams& bn, const at::Tensor& residual, const BnActView& v,
-               bool relu, at::Tensor& out) {
+               const Activation<double>& activation, at::Tensor& out) {
   const int64_t K = v.K;
   const int64_t rows = v.channels_last ? v.N * v.HW : v.N * K;
   const int64_t cols = v.channels_last ? K : v.HW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // K scale/shift pairs once, so each element costs one multiply-add.
-    const BnParams<acc_t> p = bn.pointers<acc_t>();
-    std::vector<acc_t> scale(K), shift(K);
-    for (int64_t k = 0; k < K; ++k) bn_fold(p, k, scale[k], shift[k]);
+    std::vector<acc_t> scale, shift;
+    fold_channels(bn, K, scale, shift);
+    const auto act = activation_as<acc_t>(activation);
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     with_flag(v.channels_last, [&](auto cl) {
       with_flag(rp != nullptr, [&](auto res) {
-        with_flag(relu, [&](auto act) {
-          apply_loop<scalar_t, cl.value, res.value, act.value>(yp, rp, scale.data(), shift.data(), rows, cols, K,
-                                                               op);
+        with_activation(act.kind, [&](auto kind) {
+          apply_loop<scalar_t, cl.value, res.value, kind.value>(yp, rp, scale.data(), shift.data(), rows, cols, K,
+                                                                act.a, act.b, op);
         });
       });
     });
@@ -251,20 +262,30 @@ void apply_cpu(const at::Tensor& y, const ChannelParams& bn, const at::Tensor& r
 
 // ---------------------------------------------------------------- bn_act_backward_reduce
 
+// The ACT-specific part of a backward pass: g = dL/dz of one element
+// (preactivation_grad), out read only for ReLU.
+template <ActKind kAct, typename scalar_t, typename acc_t>
+inline acc_t grad_z(const scalar_t* __restrict grad, const scalar_t* __restrict out, const scalar_t* __restrict y,
+                    int64_t i, acc_t scale, acc_t shift, const Activation<acc_t>& act) {
+  const acc_t go = static_cast<acc_t>(grad[i]);
+  const acc_t o = kAct == ActKind::kRelu ? static_cast<acc_t>(out[i]) : go;
+  return preactivation_grad<kAct>(go, o, static_cast<acc_t>(y[i]), scale, shift, act.a, act.b);
+}
+
 // Per-chunk sum(g) and sum(g * (y - mean)) of an NCHW plane chunk, one channel.
-// grad, out, y: n <= kPlaneChunk contiguous values each (out unread unless kRelu)
-template <typename scalar_t, bool kRelu>
+// grad, out, y: n <= kPlaneChunk contiguous values each (out unread unless ReLU)
+// scale, shift: the channel's BN affine (read when kAct needs z)
+template <typename scalar_t, ActKind kAct>
 void plane_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* __restrict out,
                                const scalar_t* __restrict y, int64_t n, at::opmath_type<scalar_t> mean,
-                               double& sum_g_out, double& sum_gc_out) {
+                               at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t> shift,
+                               const Activation<at::opmath_type<scalar_t>>& act, double& sum_g_out,
+                               double& sum_gc_out) {
   using acc_t = at::opmath_type<scalar_t>;
   // g first, into an L1 buffer: g++ if-converts the ReLU mask only in a simple
   // innermost loop, not in the unrolled lane loop below (measured 3x slower).
   acc_t g[kPlaneChunk];
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t go = static_cast<acc_t>(grad[i]);
-    g[i] = relu_grad(go, kRelu ? static_cast<acc_t>(out[i]) : go, kRelu);
-  }
+  for (int64_t i = 0; i < n; ++i) g[i] = grad_z<kAct>(grad, out, y, i, scale, shift, act);
   const int64_t full = n - n % kLanes;
   acc_t sg[kLanes] = {}, sgc[kLanes] = {};
   for (int64_t i = 0; i < full; i += kLanes) {
@@ -279,14 +300,17 @@ void plane_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* 
 }
 
 // The same over `rows` channels_last rows, every channel at once.
-// grad, out, y:          rows x K values, row-major (out unread unless kRelu)
-// mean:                  (K,)
+// grad, out, y:          rows x K values, row-major (out unread unless ReLU)
+// mean, scale, shift:    (K,); scale/shift the BN affine (read when kAct needs z)
 // sum_g_out, sum_gc_out: (K,) double out
 // scratch:               (2K,) acc_t
-template <typename scalar_t, bool kRelu>
+template <typename scalar_t, ActKind kAct>
 void rows_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* __restrict out,
                               const scalar_t* __restrict y, int64_t rows, int64_t K,
-                              const at::opmath_type<scalar_t>* __restrict mean, double* __restrict sum_g_out,
+                              const at::opmath_type<scalar_t>* __restrict mean,
+                              const at::opmath_type<scalar_t>* __restrict scale,
+                              const at::opmath_type<scalar_t>* __restrict shift,
+                              const Activation<at::opmath_type<scalar_t>>& act, double* __restrict sum_g_out,
                               double* __restrict sum_gc_out, at::opmath_type<scalar_t>* __restrict scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t* __restrict sg = scratch;
@@ -295,8 +319,7 @@ void rows_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* _
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t base = r * K;
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t go = static_cast<acc_t>(grad[base + k]);
-      const acc_t g = relu_grad(go, kRelu ? static_cast<acc_t>(out[base + k]) : go, kRelu);
+      const acc_t g = grad_z<kAct>(grad, out, y, base + k, scale[k], shift[k], act);
       bn_backward_accumulate(g, static_cast<acc_t>(y[base + k]), mean[k], sg[k], sgc[k]);
     }
   }
@@ -305,7 +328,7 @@ void rows_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* _
 }
 
 void backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
-                         const at::Tensor& mean, const at::Tensor& var, double eps, const BnActView& v, bool relu,
+                         const ChannelParams& bn, const BnActView& v, const Activation<double>& activation,
                          at::Tensor& sum_g, at::Tensor& sum_g_xhat) {
   const Chunking ch = cpu_chunking(v);
   const int64_t K = v.K;
@@ -315,19 +338,23 @@ void backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out, cons
   double* part_gc = part_g + ch.chunks * K;          // (chunks, K)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const auto act = activation_as<acc_t>(activation);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* op = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* op = act.kind == ActKind::kRelu ? out.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    with_flag(relu, [&](auto act) {
+    const acc_t* mp = bn.running_mean.const_data_ptr<acc_t>();
+    std::vector<acc_t> scale, shift;  // the forward's BN affine, to recompute z
+    fold_channels(bn, K, scale, shift);
+    with_activation(act.kind, [&](auto kind) {
+      constexpr ActKind kAct = decltype(kind)::value;
       if (v.channels_last) {
         at::parallel_for(0, ch.chunks, chunk_grain(v, ch), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> scratch(2 * K);
           for (int64_t c = begin; c < end; ++c) {
             const int64_t base = c * ch.len * K;
-            rows_chunk_backward_sums<scalar_t, act.value>(gp + base, act.value ? op + base : nullptr, yp + base,
-                                                          ch.count(c), K, mp, part_g + c * K, part_gc + c * K,
-                                                          scratch.data());
+            rows_chunk_backward_sums<scalar_t, kAct>(gp + base, op ? op + base : nullptr, yp + base, ch.count(c), K,
+                                                     mp, scale.data(), shift.data(), act, part_g + c * K,
+                                                     part_gc + c * K, scratch.data());
           }
         });
       } else {
@@ -335,12 +362,13 @@ void backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out, cons
           const int64_t plane = t / ch.per_group, s = t % ch.per_group, k = plane % K;
           const int64_t at = ((plane / K) * ch.per_group + s) * K + k;
           const int64_t base = plane * v.HW + s * ch.len;
-          plane_chunk_backward_sums<scalar_t, act.value>(gp + base, act.value ? op + base : nullptr, yp + base,
-                                                         ch.count(s), mp[k], part_g[at], part_gc[at]);
+          plane_chunk_backward_sums<scalar_t, kAct>(gp + base, op ? op + base : nullptr, yp + base, ch.count(s),
+                                                    mp[k], scale[k], shift[k], act, part_g[at], part_gc[at]);
         });
       }
     });
-    const acc_t* vp = var.const_data_ptr<acc_t>();
+    const acc_t* vp = bn.running_var.const_data_ptr<acc_t>();
+    const double eps = bn.eps;
     acc_t* sg_out = sum_g.mutable_data_ptr<acc_t>();
     acc_t* sgx_out = sum_g_xhat.mutable_data_ptr<acc_t>();
     at::parallel_for(0, K, std::max<int64_t>(1, kGrain / ch.chunks), [&](int64_t begin, int64_t end) {
@@ -355,28 +383,28 @@ void backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out, cons
 // ---------------------------------------------------------------- bn_act_backward_apply
 
 // dy (and d_residual = g) over rows x cols.
-// grad, out, y:   rows x cols, dense (out unread unless kRelu)
-// coef:           (5, K) rows mean, invstd, scale, mean_g, mean_g_xhat
+// grad, out, y:   rows x cols, dense (out unread unless ReLU)
+// coef:           (7, K) rows mean, invstd, scale, mean_g, mean_g_xhat, and the
+//                 forward's BN affine z_scale, z_shift (read when kAct needs z)
 // dy, d_residual: rows x cols out (d_residual unwritten unless kRes)
-template <typename scalar_t, bool kChannelsLast, bool kRelu, bool kTraining, bool kRes>
+template <typename scalar_t, bool kChannelsLast, ActKind kAct, bool kTraining, bool kRes>
 void backward_apply_loop(const scalar_t* grad, const scalar_t* out, const scalar_t* y,
-                         const at::opmath_type<scalar_t>* coef, int64_t rows, int64_t cols, int64_t K, scalar_t* dy,
-                         scalar_t* d_residual) {
+                         const at::opmath_type<scalar_t>* coef, const Activation<at::opmath_type<scalar_t>>& act,
+                         int64_t rows, int64_t cols, int64_t K, scalar_t* dy, scalar_t* d_residual) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t *c_mean = coef, *c_invstd = coef + K, *c_scale = coef + 2 * K, *c_mg = coef + 3 * K,
-              *c_mgx = coef + 4 * K;
+              *c_mgx = coef + 4 * K, *c_zscale = coef + 5 * K, *c_zshift = coef + 6 * K;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [=](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * cols, rk = kChannelsLast ? 0 : row % K;
       const scalar_t* __restrict gr = grad + base;
-      const scalar_t* __restrict orow = kRelu ? out + base : nullptr;
+      const scalar_t* __restrict orow = kAct == ActKind::kRelu ? out + base : nullptr;
       const scalar_t* __restrict yr = y + base;
       scalar_t* __restrict dyr = dy + base;
       scalar_t* __restrict drr = kRes ? d_residual + base : nullptr;
       for (int64_t j = 0; j < cols; ++j) {
         const int64_t k = kChannelsLast ? j : rk;
-        const acc_t go = static_cast<acc_t>(gr[j]);
-        const acc_t g = relu_grad(go, kRelu ? static_cast<acc_t>(orow[j]) : go, kRelu);
+        const acc_t g = grad_z<kAct>(gr, orow, yr, j, c_zscale[k], c_zshift[k], act);
         dyr[j] = static_cast<scalar_t>(bn_backward_dy(g, static_cast<acc_t>(yr[j]), c_mean[k], c_invstd[k],
                                                       c_scale[k], c_mg[k], c_mgx[k], kTraining));
         if (kRes) drr[j] = static_cast<scalar_t>(g);
@@ -386,15 +414,16 @@ void backward_apply_loop(const scalar_t* grad, const scalar_t* out, const scalar
 }
 
 void backward_apply_cpu(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
-                        const BnBackwardInputs& p, const BnActView& v, bool relu, at::Tensor& dy,
-                        at::Tensor& d_residual) {
+                        const BnBackwardInputs& p, const BnActView& v, const Activation<double>& activation,
+                        at::Tensor& dy, at::Tensor& d_residual) {
   const int64_t K = v.K;
   const int64_t rows = v.channels_last ? v.N * v.HW : v.N * K;
   const int64_t cols = v.channels_last ? K : v.HW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_backward_apply_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const auto act = activation_as<acc_t>(activation);
     // Per-channel constants, struct of arrays: channels_last reads each as a row.
-    std::vector<acc_t> coef(5 * K);
+    std::vector<acc_t> coef(7 * K);
     const acc_t* mean = p.mean.const_data_ptr<acc_t>();
     const acc_t* var = p.var.const_data_ptr<acc_t>();
     const acc_t* gamma = p.gamma.defined() ? p.gamma.const_data_ptr<acc_t>() : nullptr;
@@ -410,17 +439,21 @@ void backward_apply_cpu(const at::Tensor& grad_out, const at::Tensor& out, const
       coef[3 * K + k] = c.mean_g;
       coef[4 * K + k] = c.mean_g_xhat;
     }
+    std::vector<acc_t> z_scale, z_shift;  // the forward's BN affine, to recompute z
+    fold_channels(ChannelParams{at::Tensor(), p.gamma, p.beta, p.mean, p.var, p.eps}, K, z_scale, z_shift);
+    std::copy(z_scale.begin(), z_scale.end(), coef.begin() + 5 * K);
+    std::copy(z_shift.begin(), z_shift.end(), coef.begin() + 6 * K);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* op = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* op = act.kind == ActKind::kRelu ? out.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* dyp = dy.mutable_data_ptr<scalar_t>();
     scalar_t* drp = d_residual.defined() ? d_residual.mutable_data_ptr<scalar_t>() : nullptr;
     with_flag(v.channels_last, [&](auto cl) {
-      with_flag(relu, [&](auto act) {
+      with_activation(act.kind, [&](auto kind) {
         with_flag(p.training, [&](auto train) {
           with_flag(drp != nullptr, [&](auto res) {
-            backward_apply_loop<scalar_t, cl.value, act.value, train.value, res.value>(gp, op, yp, coef.data(), rows,
-                                                                                      cols, K, dyp, drp);
+            backward_apply_loop<scalar_t, cl.value, kind.value, train.value, res.value>(
+                gp, op, yp, coef.data(), act, rows, cols, K, dyp, drp);
           });
         });
       });
@@ -454,22 +487,26 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y) {
 
 at::Tensor bn_act_apply_cpu(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& var,
                             const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta, double eps,
-                            const std::optional<at::Tensor>& residual, bool relu) {
-  return bn_act_apply(y, mean, var, gamma, beta, eps, residual, relu, kCpuKernels);
+                            const std::optional<at::Tensor>& residual, int64_t act, double act_a, double act_b) {
+  return bn_act_apply(y, mean, var, gamma, beta, eps, residual, act, act_a, act_b, kCpuKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out,
                                                               const at::Tensor& y, const at::Tensor& mean,
-                                                              const at::Tensor& var, double eps, bool relu) {
-  return bn_act_backward_reduce(grad_out, out, y, mean, var, eps, relu, kCpuKernels);
+                                                              const at::Tensor& var,
+                                                              const std::optional<at::Tensor>& gamma,
+                                                              const std::optional<at::Tensor>& beta, double eps,
+                                                              int64_t act, double act_a, double act_b) {
+  return bn_act_backward_reduce(grad_out, out, y, mean, var, gamma, beta, eps, act, act_a, act_b, kCpuKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cpu(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y, const at::Tensor& mean,
-    const at::Tensor& var, const std::optional<at::Tensor>& gamma, double eps, const at::Tensor& sum_g,
-    const at::Tensor& sum_g_xhat, int64_t count, bool training, bool relu, bool residual_grad) {
-  return bn_act_backward_apply(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_xhat, count, training, relu,
-                               residual_grad, kCpuKernels);
+    const at::Tensor& var, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta, double eps,
+    const at::Tensor& sum_g, const at::Tensor& sum_g_xhat, int64_t count, bool training, int64_t act, double act_a,
+    double act_b, bool residual_grad) {
+  return bn_act_backward_apply(grad_out, out, y, mean, var, gamma, beta, eps, sum_g, sum_g_xhat, count, training, act,
+                               act_a, act_b, residual_grad, kCpuKernels);
 }
 
 void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,

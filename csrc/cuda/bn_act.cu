@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "bn_act.h"
 #include "epilogue.h"
@@ -256,8 +257,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ residual,
                  const at::opmath_type<scalar_t>* __restrict__ scale,
-                 const at::opmath_type<scalar_t>* __restrict__ shift, int64_t n, int64_t inner, int64_t K, bool relu,
-                 scalar_t* __restrict__ out) {
+                 const at::opmath_type<scalar_t>* __restrict__ shift, int64_t n, int64_t inner, int64_t K,
+                 Activation<at::opmath_type<scalar_t>> act, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool has_res = residual != nullptr;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -265,54 +266,80 @@ __global__ void __launch_bounds__(kThreads)
   for (ChannelWalker ch(i, step, inner, K); i < n; i += step, ch.advance()) {
     const acc_t res = has_res ? static_cast<acc_t>(residual[i]) : acc_t(0);
     out[i] = static_cast<scalar_t>(
-        bn_residual_act<acc_t>(static_cast<acc_t>(y[i]), scale[ch.k], shift[ch.k], res, has_res, relu));
+        bn_residual_act<acc_t>(static_cast<acc_t>(y[i]), scale[ch.k], shift[ch.k], res, has_res, act));
   }
 }
 
+// Row 0 scale, row 1 shift of the BN affine (bn_fold), on the device.
+template <typename acc_t>
+at::Tensor fold_channels(const ChannelParams& bn, int64_t K, const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor folded = at::empty({2, K}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* scale = folded.mutable_data_ptr<acc_t>();
+  fold_kernel<acc_t><<<blocks_for(K), kThreads, 0, stream>>>(bn.pointers<acc_t>(), K, scale, scale + K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return folded;
+}
+
 void apply_cuda(const at::Tensor& y, const ChannelParams& bn, const at::Tensor& residual, const BnActView& v,
-                bool relu, at::Tensor& out) {
+                const Activation<double>& act, at::Tensor& out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = y.numel(), K = v.K, inner = v.channels_last ? 1 : v.HW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Row 0 scale, row 1 shift.
-    const at::Tensor folded = at::empty({2, K}, y.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* scale = folded.mutable_data_ptr<acc_t>();
-    acc_t* shift = scale + K;
-    fold_kernel<acc_t><<<blocks_for(K), kThreads, 0, stream>>>(bn.pointers<acc_t>(), K, scale, shift);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor folded = fold_channels<acc_t>(bn, K, y, stream);
+    const acc_t* scale = folded.const_data_ptr<acc_t>();
     apply_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
         y.const_data_ptr<scalar_t>(), residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, scale,
-        shift, n, inner, K, relu, out.mutable_data_ptr<scalar_t>());
+        scale + K, n, inner, K, activation_as<acc_t>(act), out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 // ---------------------------------------------------------------- bn_act_backward_reduce
 
+// g = dL/dz of one element (preactivation_grad), the kinds that need z
+// compiled only into the kPreact instantiation of a kernel: the ReLU/identity
+// one keeps the registers it had before the other kinds existed, without
+// spills. (The switch over every kind, inlined into the unrolled reductions
+// below, spills a little under their launch bounds: ptxas -v reported 8 bytes
+// in the float NCHW kernel for sm_80 and 112 in the double channels_last one
+// for sm_90; with kPreact that is left to the kinds past ReLU.)
+template <bool kPreact, typename acc_t>
+__device__ inline acc_t grad_z(acc_t grad_out, acc_t out, acc_t y, acc_t scale, acc_t shift,
+                               const Activation<acc_t>& act) {
+  if constexpr (kPreact) {
+    return preactivation_grad(grad_out, out, y, scale, shift, act);
+  } else {
+    return act.kind == ActKind::kRelu ? activate_grad<ActKind::kRelu>(grad_out, out, act.a, act.b) : grad_out;
+  }
+}
+
 // Stage 1, NCHW: per-chunk sum(g) and sum(g * (y - mean)), one block per chunk.
-// grad, out, y: (N, K, HW) NCHW-contiguous (out null unless relu)
+// grad, out, y: (N, K, HW) NCHW-contiguous (out null unless ReLU)
 // mean:         (K,) acc_t
+// fold:         (2, K) acc_t, the BN affine's scale and shift (read when act needs z)
 // part_g, part_gc: (chunks, K) double out
-template <typename scalar_t>
+template <typename scalar_t, bool kPreact>
 __global__ void __launch_bounds__(kThreads)
     backward_sums_plane_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
                                const scalar_t* __restrict__ y, const at::opmath_type<scalar_t>* __restrict__ mean,
-                               int64_t K, Chunking ch, bool relu, double* __restrict__ part_g,
+                               const at::opmath_type<scalar_t>* __restrict__ fold, int64_t K, Chunking ch,
+                               Activation<at::opmath_type<scalar_t>> act, double* __restrict__ part_g,
                                double* __restrict__ part_gc) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t smem[kWarps];
   const int64_t plane = blockIdx.x / ch.per_group, s = blockIdx.x % ch.per_group, k = plane % K;
   const int64_t count = ch.count(s);
   const int64_t base = plane * ch.extent + s * ch.len;
-  const acc_t mk = mean[k];
+  const acc_t mk = mean[k], zscale = fold[k], zshift = fold[K + k];
   acc_t sg = acc_t(0), sgc = acc_t(0);
 #pragma unroll
   for (int i = 0; i < kPlaneItems; ++i) {
     const int64_t j = base + static_cast<int64_t>(i) * kThreads + threadIdx.x;
     if (j - base < count) {
       const acc_t go = static_cast<acc_t>(grad[j]);
-      const acc_t g = relu_grad(go, relu ? static_cast<acc_t>(out[j]) : go, relu);
+      const acc_t o = out != nullptr ? static_cast<acc_t>(out[j]) : go;
+      const acc_t g = grad_z<kPreact>(go, o, static_cast<acc_t>(y[j]), zscale, zshift, act);
       bn_backward_accumulate(g, static_cast<acc_t>(y[j]), mk, sg, sgc);
     }
   }
@@ -326,14 +353,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Stage 1, channels_last: one block per (row chunk, 32-channel tile).
-// grad, out, y: (N*HW, K) row-major (out null unless relu)
+// grad, out, y: (N*HW, K) row-major (out null unless ReLU)
 // mean:         (K,) acc_t
+// fold:         (2, K) acc_t, the BN affine's scale and shift (read when act needs z)
 // part_g, part_gc: (chunks, K) double out
-template <typename scalar_t>
+template <typename scalar_t, bool kPreact>
 __global__ void __launch_bounds__(kColThreads* kRowLanes)
     backward_sums_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
                               const scalar_t* __restrict__ y, const at::opmath_type<scalar_t>* __restrict__ mean,
-                              int64_t K, Chunking ch, bool relu, double* __restrict__ part_g,
+                              const at::opmath_type<scalar_t>* __restrict__ fold, int64_t K, Chunking ch,
+                              Activation<at::opmath_type<scalar_t>> act, double* __restrict__ part_g,
                               double* __restrict__ part_gc) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t smem[kRowLanes][kColThreads];
@@ -342,6 +371,7 @@ __global__ void __launch_bounds__(kColThreads* kRowLanes)
   const int64_t rows = ch.count(c);
   const bool active = k < K;
   const acc_t mk = active ? mean[k] : acc_t(0);
+  const acc_t zscale = active ? fold[k] : acc_t(0), zshift = active ? fold[K + k] : acc_t(0);
   acc_t sg = acc_t(0), sgc = acc_t(0);
 #pragma unroll
   for (int i = 0; i < kRowItems; ++i) {
@@ -349,7 +379,8 @@ __global__ void __launch_bounds__(kColThreads* kRowLanes)
     if (active && r < rows) {
       const int64_t j = (c * ch.len + r) * K + k;
       const acc_t go = static_cast<acc_t>(grad[j]);
-      const acc_t g = relu_grad(go, relu ? static_cast<acc_t>(out[j]) : go, relu);
+      const acc_t o = out != nullptr ? static_cast<acc_t>(out[j]) : go;
+      const acc_t g = grad_z<kPreact>(go, o, static_cast<acc_t>(y[j]), zscale, zshift, act);
       bn_backward_accumulate(g, static_cast<acc_t>(y[j]), mk, sg, sgc);
     }
   }
@@ -394,7 +425,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
-                          const at::Tensor& mean, const at::Tensor& var, double eps, const BnActView& v, bool relu,
+                          const ChannelParams& bn, const BnActView& v, const Activation<double>& activation,
                           at::Tensor& sum_g, at::Tensor& sum_g_xhat) {
   const Chunking ch = cuda_chunking(v);
   const int64_t K = v.K;
@@ -404,25 +435,36 @@ void backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& out, con
   double* part_gc = part_g + ch.chunks * K;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const auto act = activation_as<acc_t>(activation);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* op = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* op = act.kind == ActKind::kRelu ? out.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    if (v.channels_last) {
-      const int64_t tiles = (K + kColThreads - 1) / kColThreads;
-      check_grid(ch.chunks, tiles, "bn_act_backward_reduce");
-      const dim3 grid(static_cast<unsigned int>(ch.chunks), static_cast<unsigned int>(tiles));
-      backward_sums_rows_kernel<scalar_t><<<grid, dim3(kColThreads, kRowLanes), 0, stream>>>(
-          gp, op, yp, mp, K, ch, relu, part_g, part_gc);
+    const acc_t* mp = bn.running_mean.const_data_ptr<acc_t>();
+    const at::Tensor folded = fold_channels<acc_t>(bn, K, y, stream);  // to recompute z
+    const acc_t* fp = folded.const_data_ptr<acc_t>();
+    const auto launch = [&](auto preact) {
+      constexpr bool kPreact = decltype(preact)::value;
+      if (v.channels_last) {
+        const int64_t tiles = (K + kColThreads - 1) / kColThreads;
+        check_grid(ch.chunks, tiles, "bn_act_backward_reduce");
+        const dim3 grid(static_cast<unsigned int>(ch.chunks), static_cast<unsigned int>(tiles));
+        backward_sums_rows_kernel<scalar_t, kPreact><<<grid, dim3(kColThreads, kRowLanes), 0, stream>>>(
+            gp, op, yp, mp, fp, K, ch, act, part_g, part_gc);
+      } else {
+        const int64_t blocks = v.N * K * ch.per_group;
+        check_grid(blocks, 1, "bn_act_backward_reduce");
+        backward_sums_plane_kernel<scalar_t, kPreact><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+            gp, op, yp, mp, fp, K, ch, act, part_g, part_gc);
+      }
+    };
+    if (needs_preactivation(act.kind)) {
+      launch(std::true_type{});
     } else {
-      const int64_t blocks = v.N * K * ch.per_group;
-      check_grid(blocks, 1, "bn_act_backward_reduce");
-      backward_sums_plane_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-          gp, op, yp, mp, K, ch, relu, part_g, part_gc);
+      launch(std::false_type{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     backward_sums_combine_kernel<acc_t><<<static_cast<unsigned int>(K), kThreads, 0, stream>>>(
-        part_g, part_gc, ch.chunks, K, var.const_data_ptr<acc_t>(), static_cast<acc_t>(eps),
+        part_g, part_gc, ch.chunks, K, bn.running_var.const_data_ptr<acc_t>(), static_cast<acc_t>(bn.eps),
         sum_g.mutable_data_ptr<acc_t>(), sum_g_xhat.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -432,14 +474,15 @@ void backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& out, con
 
 // The per-channel constants of dy, one thread per channel.
 // mean, var:         (K,) acc_t
-// gamma:             (K,) acc_t, null means 1
+// gamma, beta:       (K,) acc_t, null means 1, 0
 // sum_g, sum_g_xhat: (K,) acc_t, null in eval
-// coef:              (5, K) acc_t out, rows mean, invstd, scale, mean_g, mean_g_xhat
+// coef:              (7, K) acc_t out, rows mean, invstd, scale, mean_g, mean_g_xhat,
+//                    and the forward's BN affine z_scale, z_shift (bn_fold, to recompute z)
 template <typename acc_t>
 __global__ void backward_coeffs_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ sum_g,
-                                       const acc_t* __restrict__ sum_g_xhat, acc_t eps, acc_t count, bool training,
-                                       int64_t K, acc_t* __restrict__ coef) {
+                                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                                       const acc_t* __restrict__ sum_g, const acc_t* __restrict__ sum_g_xhat,
+                                       acc_t eps, acc_t count, bool training, int64_t K, acc_t* __restrict__ coef) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= K) return;
   const auto c = bn_backward_coeffs(mean[k], var[k], gamma ? gamma[k] : acc_t(1), eps, sum_g ? sum_g[k] : acc_t(0),
@@ -449,16 +492,18 @@ __global__ void backward_coeffs_kernel(const acc_t* __restrict__ mean, const acc
   coef[2 * K + k] = c.scale;
   coef[3 * K + k] = c.mean_g;
   coef[4 * K + k] = c.mean_g_xhat;
+  bn_fold(BnParams<acc_t>{nullptr, gamma, beta, mean, var, eps}, k, coef[5 * K + k], coef[6 * K + k]);
 }
 
-// grad, out, y:   n values each, dense in one layout (out null unless relu)
-// coef:           (5, K) acc_t from backward_coeffs_kernel
+// grad, out, y:   n values each, dense in one layout (out null unless ReLU)
+// coef:           (7, K) acc_t from backward_coeffs_kernel
 // dy, d_residual: n values out, y's layout (d_residual null: not wanted)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     backward_apply_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
                           const scalar_t* __restrict__ y, const at::opmath_type<scalar_t>* __restrict__ coef, int64_t n,
-                          int64_t inner, int64_t K, bool relu, bool training, scalar_t* __restrict__ dy,
+                          int64_t inner, int64_t K, Activation<at::opmath_type<scalar_t>> act, bool training,
+                          scalar_t* __restrict__ dy,
                           scalar_t* __restrict__ d_residual) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -466,7 +511,8 @@ __global__ void __launch_bounds__(kThreads)
   for (ChannelWalker ch(i, step, inner, K); i < n; i += step, ch.advance()) {
     const int64_t k = ch.k;
     const acc_t go = static_cast<acc_t>(grad[i]);
-    const acc_t g = relu_grad(go, relu ? static_cast<acc_t>(out[i]) : go, relu);
+    const acc_t o = out != nullptr ? static_cast<acc_t>(out[i]) : go;
+    const acc_t g = preactivation_grad(go, o, static_cast<acc_t>(y[i]), coef[5 * K + k], coef[6 * K + k], act);
     dy[i] = static_cast<scalar_t>(bn_backward_dy(g, static_cast<acc_t>(y[i]), coef[k], coef[K + k], coef[2 * K + k],
                                                  coef[3 * K + k], coef[4 * K + k], training));
     if (d_residual != nullptr) d_residual[i] = static_cast<scalar_t>(g);
@@ -474,21 +520,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void backward_apply_cuda(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,
-                         const BnBackwardInputs& p, const BnActView& v, bool relu, at::Tensor& dy,
-                         at::Tensor& d_residual) {
+                         const BnBackwardInputs& p, const BnActView& v, const Activation<double>& act,
+                         at::Tensor& dy, at::Tensor& d_residual) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = y.numel(), K = v.K, inner = v.channels_last ? 1 : v.HW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_backward_apply_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor coef = at::empty({5, K}, y.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const at::Tensor coef = at::empty({7, K}, y.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
     backward_coeffs_kernel<acc_t><<<blocks_for(K), kThreads, 0, stream>>>(
-        ptr(p.mean), ptr(p.var), ptr(p.gamma), ptr(p.sum_g), ptr(p.sum_g_xhat), static_cast<acc_t>(p.eps),
+        ptr(p.mean), ptr(p.var), ptr(p.gamma), ptr(p.beta), ptr(p.sum_g), ptr(p.sum_g_xhat), static_cast<acc_t>(p.eps),
         static_cast<acc_t>(p.count), p.training, K, coef.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     backward_apply_kernel<scalar_t><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        grad_out.const_data_ptr<scalar_t>(), relu ? out.const_data_ptr<scalar_t>() : nullptr,
-        y.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(), n, inner, K, relu, p.training,
+        grad_out.const_data_ptr<scalar_t>(), act.kind == ActKind::kRelu ? out.const_data_ptr<scalar_t>() : nullptr,
+        y.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(), n, inner, K, activation_as<acc_t>(act), p.training,
         dy.mutable_data_ptr<scalar_t>(),
         d_residual.defined() ? d_residual.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -539,25 +585,30 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& y) {
 
 at::Tensor bn_act_apply_cuda(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& var,
                              const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta,
-                             double eps, const std::optional<at::Tensor>& residual, bool relu) {
+                             double eps, const std::optional<at::Tensor>& residual, int64_t act, double act_a,
+                             double act_b) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(y));
-  return bn_act_apply(y, mean, var, gamma, beta, eps, residual, relu, kCudaKernels);
+  return bn_act_apply(y, mean, var, gamma, beta, eps, residual, act, act_a, act_b, kCudaKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& out,
                                                                const at::Tensor& y, const at::Tensor& mean,
-                                                               const at::Tensor& var, double eps, bool relu) {
+                                                               const at::Tensor& var,
+                                                               const std::optional<at::Tensor>& gamma,
+                                                               const std::optional<at::Tensor>& beta, double eps,
+                                                               int64_t act, double act_a, double act_b) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(y));
-  return bn_act_backward_reduce(grad_out, out, y, mean, var, eps, relu, kCudaKernels);
+  return bn_act_backward_reduce(grad_out, out, y, mean, var, gamma, beta, eps, act, act_a, act_b, kCudaKernels);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_apply_cuda(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y, const at::Tensor& mean,
-    const at::Tensor& var, const std::optional<at::Tensor>& gamma, double eps, const at::Tensor& sum_g,
-    const at::Tensor& sum_g_xhat, int64_t count, bool training, bool relu, bool residual_grad) {
+    const at::Tensor& var, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta, double eps,
+    const at::Tensor& sum_g, const at::Tensor& sum_g_xhat, int64_t count, bool training, int64_t act, double act_a,
+    double act_b, bool residual_grad) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(y));
-  return bn_act_backward_apply(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_xhat, count, training, relu,
-                               residual_grad, kCudaKernels);
+  return bn_act_backward_apply(grad_out, out, y, mean, var, gamma, beta, eps, sum_g, sum_g_xhat, count, training, act,
+                               act_a, act_b, residual_grad, kCudaKernels);
 }
 
 void bn_update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,

@@ -2,16 +2,17 @@
 //
 // Where a CUTLASS kernel applies (cutlass_plan.h decides, on the host), the op
 // is ONE implicit-GEMM launch whose epilogue applies BatchNorm, the residual
-// and the ReLU (cutlass/cutlass_sm90.cuh on H100/H200, cutlass/cutlass_sm80.cuh
+// and the activation (cutlass/cutlass_sm90.cuh on H100/H200, cutlass/cutlass_sm80.cuh
 // on A100 and as the sm90 fallback), after a tiny per-channel launch that
 // folds the live BN tensors into scale/shift (and on sm80 two passes over the
 // filter that make its scaled copy: its largest value, then the copy).
 //
 // Everywhere else (fp32/fp64, groups > 1, C or K not a multiple of 8, an arch
-// without a CUTLASS cubin, a misaligned pointer, or CUTLASS refusing the
-// problem at run time) the exact path runs: cuDNN convolution through the
-// shared driver, then one elementwise pass for BN + residual add + ReLU. The
-// per-element math is epilogue.h, the same code the CPU kernel runs.
+// without a CUTLASS cubin, an activation the sm90 epilogue cannot apply on
+// Hopper, a misaligned pointer, or CUTLASS refusing the problem at run time)
+// the exact path runs: cuDNN convolution through the shared driver, then one
+// elementwise pass for BN + residual add + activation. The per-element math
+// is epilogue.h, the same code the CPU kernel runs.
 //
 // NCHW inputs take the CUTLASS path too: the input (and residual) are copied
 // to channels_last, and the NHWC result back to NCHW, so the op keeps its
@@ -51,11 +52,12 @@ __global__ void bn_fold_kernel(BnParams<acc_t> p, int64_t K, acc_t* __restrict__
 // residual: n elements with out's strides (so index i matches), unused unless kResidual
 // channel of flat index i: (i / inner) % K, inner = H*W for NCHW, 1 for channels_last
 // n:        out.numel(); int64 indexing because N*C*H*W passes 2^31 at large batch
-template <typename scalar_t, bool kResidual, bool kRelu>
+// act:      the activation, its kind known at run time (one warp-uniform branch)
+template <typename scalar_t, bool kResidual>
 __global__ void epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ residual,
                                 const at::opmath_type<scalar_t>* __restrict__ scale,
                                 const at::opmath_type<scalar_t>* __restrict__ shift, int64_t n, int64_t inner,
-                                int64_t K) {
+                                int64_t K, Activation<at::opmath_type<scalar_t>> act) {
   using acc_t = at::opmath_type<scalar_t>;  // float for half/bfloat16
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -70,7 +72,7 @@ __global__ void epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __re
   for (; i < n; i += step) {
     const acc_t res = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
     out[i] = static_cast<scalar_t>(
-        bn_residual_act<acc_t>(static_cast<acc_t>(out[i]), scale[k], shift[k], res, kResidual, kRelu));
+        bn_residual_act<acc_t>(static_cast<acc_t>(out[i]), scale[k], shift[k], res, kResidual, act));
     r += step_r;
     const bool carry = r >= inner;
     if (carry) r -= inner;
@@ -79,9 +81,10 @@ __global__ void epilogue_kernel(scalar_t* __restrict__ out, const scalar_t* __re
   }
 }
 
-template <typename scalar_t, bool kResidual, bool kRelu>
+template <typename scalar_t, bool kResidual>
 void launch_epilogue(scalar_t* out, const scalar_t* residual, const at::opmath_type<scalar_t>* scale,
-                     const at::opmath_type<scalar_t>* shift, int64_t n, int64_t inner, int64_t K) {
+                     const at::opmath_type<scalar_t>* shift, int64_t n, int64_t inner, int64_t K,
+                     const Activation<at::opmath_type<scalar_t>>& act) {
   // One full wave of resident blocks; the grid-stride loop covers the rest.
   // Device attributes rather than at::cuda::getCurrentDeviceProperties(): its
   // header pulls in cuBLAS/cuSPARSE headers that a minimal toolkit lacks.
@@ -91,14 +94,14 @@ void launch_epilogue(scalar_t* out, const scalar_t* residual, const at::opmath_t
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
   const int64_t wave = static_cast<int64_t>(sms) * (threads_per_sm / kThreads);
   const int64_t blocks = std::min(wave, (n + kThreads - 1) / kThreads);
-  epilogue_kernel<scalar_t, kResidual, kRelu><<<static_cast<unsigned int>(blocks), kThreads, 0,
-                                                c10::cuda::getCurrentCUDAStream()>>>(out, residual, scale, shift, n,
-                                                                                     inner, K);
+  epilogue_kernel<scalar_t, kResidual><<<static_cast<unsigned int>(blocks), kThreads, 0,
+                                         c10::cuda::getCurrentCUDAStream()>>>(out, residual, scale, shift, n, inner,
+                                                                              K, act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void cuda_epilogue(at::Tensor& out, const ChannelParams& bn, const std::optional<at::Tensor>& residual,
-                   bool channels_last, bool relu) {
+                   bool channels_last, const Activation<double>& activation) {
   const c10::cuda::CUDAGuard guard(out.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = out.numel(), K = out.size(1);
@@ -114,17 +117,11 @@ void cuda_epilogue(at::Tensor& out, const ChannelParams& bn, const std::optional
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const auto act = activation_as<acc_t>(activation);
     if (residual.has_value()) {
-      const scalar_t* r = residual->const_data_ptr<scalar_t>();
-      if (relu) {
-        launch_epilogue<scalar_t, true, true>(o, r, scale, shift, n, inner, K);
-      } else {
-        launch_epilogue<scalar_t, true, false>(o, r, scale, shift, n, inner, K);
-      }
-    } else if (relu) {
-      launch_epilogue<scalar_t, false, true>(o, nullptr, scale, shift, n, inner, K);
+      launch_epilogue<scalar_t, true>(o, residual->const_data_ptr<scalar_t>(), scale, shift, n, inner, K, act);
     } else {
-      launch_epilogue<scalar_t, false, false>(o, nullptr, scale, shift, n, inner, K);
+      launch_epilogue<scalar_t, false>(o, nullptr, scale, shift, n, inner, K, act);
     }
   });
 }
@@ -267,7 +264,8 @@ std::optional<at::Tensor> try_cutlass(const at::Tensor& input, const at::Tensor&
                                       const std::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
                                       const at::Tensor& running_var, double eps,
                                       const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                      const Activation<double>& act) {
   if (input.dim() != 4 || weight.dim() != 4 || stride.size() != 2 || padding.size() != 2 || dilation.size() != 2) {
     return std::nullopt;
   }
@@ -290,7 +288,7 @@ std::optional<at::Tensor> try_cutlass(const at::Tensor& input, const at::Tensor&
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.minor, cudaDevAttrComputeCapabilityMinor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&dev.sm_count, cudaDevAttrMultiProcessorCount, device));
   static const plan::Build compiled = plan::compiled_build();
-  const plan::Plan p = plan::plan_launch(s, dev, compiled);
+  const plan::Plan p = plan::plan_launch(s, dev, compiled, act.kind);
   const CutlassKernel* kernel = built_kernel(p.kernel);
   if (kernel == nullptr) {
     ++dispatch_counts[kPlanFallback];
@@ -362,7 +360,7 @@ std::optional<at::Tensor> try_cutlass(const at::Tensor& input, const at::Tensor&
   launch.scale = scale;
   launch.shift = shift;
   launch.exponent = filter_stats.defined() ? filter_stats.const_data_ptr<int32_t>() + 1 : nullptr;
-  launch.relu = relu;
+  launch.act = activation_as<float>(act);
   launch.workspace = workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr;
   launch.stream = stream.stream();
   const int status = kernel->run(launch);
@@ -383,18 +381,20 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& input, const at::Tensor& weight, c
                             const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                             const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t act_code,
+                            double act_a, double act_b) {
+  const Activation<double> act = make_activation(act_code, act_a, act_b, "conv_bn_act");
   // The conv and the launches must target input's GPU, not the current one.
   // Only guard a CUDA input: a CPU input reaches here when another argument
   // is on the GPU, and the driver reports that mismatch by name.
   c10::cuda::OptionalCUDAGuard guard;
   if (input.is_cuda()) guard.set_device(input.device());
   if (auto fused = try_cutlass(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
-                               stride, padding, dilation, groups, relu)) {
+                               stride, padding, dilation, groups, act)) {
     return *fused;
   }
   return conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride,
-                     padding, dilation, groups, relu, &cuda_epilogue);
+                     padding, dilation, groups, act, &cuda_epilogue);
 }
 
 }  // namespace

@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..nn import FOLDED, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks
+from ..ops.activation import IDENTITY
 from .tracing import Traces, augmented_assign, is_noop, is_relu_node, single_user, trace_in_mode
 
 _ADDS = (operator.add, torch.add)
@@ -104,12 +105,13 @@ def _depends_on(node, target: fx.Node) -> bool:
 
 def _fused_conv_feeding(node: fx.Node, block: nn.Module) -> fx.Node | None:
     """Walk back from an add operand through no-ops and the folded BatchNorm to a FusedConv2d
-    call without a ReLU; every node on the way used only by the next."""
+    call that applies no activation, ReLU or other (the rewrite sets the conv's ReLU, which would
+    replace a SiLU, say); every node on the way used only by the next."""
     seen_bn = False
     while isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1:
         module = block.get_submodule(node.target)
         if isinstance(module, FusedConv2d):
-            ok = seen_bn and not module.relu and len(node.args) == 1 and not node.kwargs
+            ok = seen_bn and module.act == IDENTITY and len(node.args) == 1 and not node.kwargs
             return node if ok else None
         if isinstance(module, FOLDED):
             seen_bn = True
@@ -203,10 +205,10 @@ def rewrite(block: nn.Module, graph: fx.Graph, traces: Traces) -> list[str]:
 
 
 def may_hold_residual(module: nn.Module) -> bool:
-    """A module whose own forward may add a residual to a fused conv without a ReLU."""
+    """A module whose own forward may add a residual to a fused conv without an activation."""
     if isinstance(module, (FusedConv2d, FusedBasicBlock, FusedBottleneck)) or type(module) is nn.Sequential:
         return False
-    return any(isinstance(m, FusedConv2d) and not m.relu for m in module.modules())
+    return any(isinstance(m, FusedConv2d) and m.act == IDENTITY for m in module.modules())
 
 
 def _plan(block: nn.Module, traces: Traces) -> tuple[fx.Graph | None, list[tuple[str, str]]]:
@@ -227,7 +229,7 @@ def _plan(block: nn.Module, traces: Traces) -> tuple[fx.Graph | None, list[tuple
 
 
 def _misses(block: nn.Module, graph: fx.Graph, traces: Traces) -> list[tuple[str, str]]:
-    """Fused convs without a ReLU whose output meets an add + ReLU that cannot ride in their
+    """Fused convs without an activation whose output meets an add + ReLU that cannot ride in their
     epilogue: a module between the BatchNorm and the add (an SE module), or a candidate's
     ``why_not``."""
     misses = []
@@ -235,7 +237,7 @@ def _misses(block: nn.Module, graph: fx.Graph, traces: Traces) -> list[tuple[str
         if node.op != "call_module" or "residual" in node.kwargs:
             continue
         module = block.get_submodule(node.target)
-        if not isinstance(module, FusedConv2d) or module.relu:
+        if not isinstance(module, FusedConv2d) or module.act != IDENTITY:
             continue
         consumer = _past_noops(block, node)
         if consumer is None or consumer.op != "call_module":

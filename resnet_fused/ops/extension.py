@@ -10,10 +10,10 @@ from .kernels import Kernels
 
 
 def inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding,
-              dilation, groups, relu, allow_tf32):
+              dilation, groups, act, act_a, act_b, allow_tf32):
     # allow_tf32 unused: the C++ op convolves with at::convolution, which reads PyTorch's TF32 setting itself.
     return torch.ops.resnet_fused.conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps),
-                                              residual, stride, padding, dilation, groups, relu)
+                                              residual, stride, padding, dilation, groups, act, act_a, act_b)
 
 
 def kernels():

@@ -15,7 +15,7 @@ def _per_channel(y: torch.Tensor) -> torch.Tensor:
 
 
 def conv_bn_act(input, weight, bias, bn_weight, bn_bias, mean, var, eps, residual, stride, padding, dilation, groups,
-                relu, allow_tf32=None):
+                act, act_a, act_b, allow_tf32=None):
     return empty_output(input, weight, stride, padding, dilation)
 
 
@@ -23,16 +23,16 @@ def bn_stats(y):
     return _per_channel(y), _per_channel(y)
 
 
-def bn_act_apply(y, mean, var, gamma, beta, eps, residual, relu):
+def bn_act_apply(y, mean, var, gamma, beta, eps, residual, act, act_a, act_b):
     return empty_like_activation(y)
 
 
-def bn_act_backward_reduce(grad_out, out, y, mean, var, eps, relu):
+def bn_act_backward_reduce(grad_out, out, y, mean, var, gamma, beta, eps, act, act_a, act_b):
     return _per_channel(y), _per_channel(y)
 
 
-def bn_act_backward_apply(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_xhat, count, training, relu,
-                          residual_grad):
+def bn_act_backward_apply(grad_out, out, y, mean, var, gamma, beta, eps, sum_g, sum_g_xhat, count, training, act,
+                          act_a, act_b, residual_grad):
     d_residual = empty_like_activation(y) if residual_grad else y.new_empty((0,))
     return empty_like_activation(y), d_residual
 
@@ -54,6 +54,6 @@ def conv_bn_stats(x, weight, bias, stride, padding, dilation, groups, allow_tf32
 
 
 def conv_bn_act_train(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding,
-                      dilation, groups, relu, backend, allow_tf32):
+                      dilation, groups, act, act_a, act_b, backend, allow_tf32):
     out = empty_output(x, weight, stride, padding, dilation)
     return out, torch.empty_like(out), _per_channel(out), _per_channel(out)

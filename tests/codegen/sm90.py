@@ -8,7 +8,9 @@ Triton's code generator builds broken IR (seen with Triton 3.8), and the test se
 the interpreter on for the other tests. One child compiles a whole batch of kernels.
 
 Also the one list of what to compile: every config the conv kernels' autotuner may choose, per
-dtype and input precision (test_conv_bn_act_sm90.py and test_training_sm90.py both use it).
+dtype and input precision (test_conv_bn_act_sm90.py and test_training_sm90.py both use it), and
+the jobs of the inference kernel and the bn_act kernels as a launch specializes them (with ReLU;
+test_activations_sm90.py compiles the same jobs with the other activations).
 """
 
 from __future__ import annotations
@@ -85,6 +87,94 @@ def config_cases(make_job, prefix=""):
             if packs_groups(config):
                 out[f"{name}-4groups"] = make_job(dtype, config, precision, group_tile=4)
     return out
+
+
+# --- the inference kernel conv_bn_act -------------------------------------------------------
+CONV_BN_ACT_KERNEL = "resnet_fused.ops.triton.conv_bn_act:_conv_bn_act_fwd_kernel"
+CONV_INDEX_ARGS = (
+    "M", "N", "C", "H", "W", "K", "P", "Q", "tile_c", "tile_k", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+    "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
+)
+# What the JIT specializes at a real launch (the launcher always passes channels_last input,
+# residual and output and a (K, R, S, C) weight): unit channel strides become constants; 16-aligned pointers and
+# multiple-of-16 sizes and strides get divisibility hints (ResNet channel counts are such, and
+# so are ResNeXt's channels per tile: 4-wide groups pack 4 to a 16-channel tile).
+CONV_UNIT_STRIDES = {"sx_c": 1, "sw_c": 1, "sr_k": 1, "so_k": 1}
+CONV_PER_CHANNEL = ("bias_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr")
+CONV_ALIGNED = (
+    "x_ptr", "w_ptr", *CONV_PER_CHANNEL, "res_ptr", "out_ptr", "C", "K", "tile_c", "tile_k",
+    "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
+)
+
+
+def conv_bn_act_job(dtype, config, input_precision, use_int64=False, kernel_size=3, group_tile=1):
+    element = "*" + TRITON_TYPE[dtype]
+    signature = {name: "i64" if use_int64 else "i32" for name in CONV_INDEX_ARGS}
+    signature.update(x_ptr=element, w_ptr=element, res_ptr=element, out_ptr=element, eps="fp32", act_a="fp32",
+                     act_b="fp32")
+    signature.update({name: "*fp32" for name in CONV_PER_CHANNEL})
+    constexprs = dict(
+        CONV_UNIT_STRIDES, R=kernel_size, S=kernel_size, HAS_BIAS=True, HAS_BN_WEIGHT=True, HAS_BN_BIAS=True,
+        HAS_RESIDUAL=True, ACT=1, GROUP_TILE=group_tile, INPUT_PRECISION=input_precision,
+        USE_INT64=use_int64, **config.kwargs,
+    )
+    return Job(CONV_BN_ACT_KERNEL, signature, constexprs, config.num_warps, config.num_stages, CONV_ALIGNED)
+
+
+# --- the training unit's bn_act kernels -----------------------------------------------------
+# Per kernel: its activation-sized tensors and their (n, k, l) stride names. NCHW: l unit,
+# channels_last: k unit.
+BN_ACT_TENSORS = {
+    "_bn_act_fwd_kernel": {"y_ptr": "sy", "res_ptr": "sr", "out_ptr": "so"},
+    "_bn_act_bwd_reduce_kernel": {"grad_ptr": "sg", "out_ptr": "so", "y_ptr": "sy"},
+    "_bn_act_bwd_kernel": {"grad_ptr": "sg", "out_ptr": "so", "y_ptr": "sy", "dy_ptr": "sd", "dres_ptr": "sr"},
+}
+BN_PER_CHANNEL = ("mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr", "sum_g_ptr", "sum_gx_ptr", "part_g_ptr",
+                  "part_gx_ptr")
+BN_ACT_FLAGS = {
+    "_bn_act_fwd_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RESIDUAL=True, ACT=1),
+    "_bn_act_bwd_reduce_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, ACT=1),
+    "_bn_act_bwd_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, TRAINING=True, ACT=1, RESIDUAL_GRAD=True),
+}
+BN_SCALARS = {"eps": "fp32", "count": "fp32", "act_a": "fp32", "act_b": "fp32", "K": "i32", "L": "i32", "LB": "i32",
+              "LS": "i32"}
+
+
+def bn_act_job(name, dtype, channels_last, use_int64=False):
+    """``name`` with every optional input on, as the launcher calls it for a ResNet activation
+    (K and L multiples of 16, 16-aligned pointers), GPU block sizes."""
+    from resnet_fused.ops.triton import bn_act
+
+    fn = getattr(bn_act, name)
+    element = "*" + TRITON_TYPE[dtype]
+    index = "i64" if use_int64 else "i32"
+    signature, constexprs, aligned = {}, dict(BN_ACT_FLAGS[name]), ["K", "L"]
+    if name == "_bn_act_bwd_reduce_kernel":  # not in BN_ACT_FLAGS: bn_act is imported only here, as jobs are built
+        constexprs["STEPS"] = bn_act._REDUCE_STEPS
+    for arg in fn.arg_names:
+        if arg in BN_ACT_TENSORS[name]:
+            signature[arg] = element
+            aligned.append(arg)
+            prefix = BN_ACT_TENSORS[name][arg]
+            unit, others = ("_k", ("_n", "_l")) if channels_last else ("_l", ("_n", "_k"))
+            constexprs[prefix + unit] = 1
+            for suffix in others:
+                signature[prefix + suffix] = index
+                aligned.append(prefix + suffix)
+        elif arg in BN_PER_CHANNEL:
+            signature[arg] = "*fp32"
+            aligned.append(arg)
+        elif arg in BN_SCALARS:
+            signature[arg] = BN_SCALARS[arg]
+    block_l, block_k = bn_act._blocks(256, 56 * 56)
+    constexprs.update(USE_INT64=use_int64, BLOCK_L=block_l, BLOCK_K=block_k)
+    return Job(f"resnet_fused.ops.triton.bn_act:{name}", signature, constexprs, bn_act._NUM_WARPS, 3, tuple(aligned))
+
+
+def bn_act_cases():
+    """Each bn_act kernel for fp16, bf16 and fp32 activations in both layouts the launchers pass."""
+    return {f"{name}-{TRITON_TYPE[dtype]}-{layout}": bn_act_job(name, dtype, layout == "nhwc")
+            for name in BN_ACT_TENSORS for dtype in TRITON_TYPE for layout in ("nchw", "nhwc")}
 
 
 def compile_for_hopper(jobs: list[Job]) -> list[Compiled]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import act_args
 from resnet_fused import guard
 from resnet_fused.ops import reference
 from resnet_fused.ops.triton import conv_bn_act as triton_op
@@ -100,7 +101,7 @@ def test_launchers_with_autotuning_off_call_the_kernel_once_with_the_fixed_confi
     tile_c, tile_k, _ = triton_op.group_grid(c, k, groups)
     expected = triton_op.gpu_configs(dtype, tile_c, tile_k)[0]
     conv = ([1, 1], [1, 1], [1, 1], groups)
-    triton_op.launch(x, weight, None, *bn, 1e-5, None, *conv, True, False)
+    triton_op.launch(x, weight, None, *bn, 1e-5, None, *conv, *act_args(True), False)
     conv_bn_stats.launch(x, weight, None, *conv, False)
     assert len(compiled_mode.calls) == 2
     for kwargs in compiled_mode.calls:
@@ -137,7 +138,8 @@ def test_every_config_runs_once(dtype_name, kernel):
         low = [t.to(dtype) for t in (x, weight, residual)]
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             if kernel == "conv_bn_act":
-                fused = triton_op.launch(low[0], low[1], None, *bn, 1e-5, low[2], *conv, True, False, config=config)
+                fused = triton_op.launch(low[0], low[1], None, *bn, 1e-5, low[2], *conv, *act_args(True), False,
+                                         config=config)
                 unfused = reference.conv_bn_act(low[0], low[1], None, *bn, residual=low[2], padding=1)
                 exact = reference.conv_bn_act(x.double(), weight.double(), None, *(t.double() for t in bn),
                                               residual=residual.double(), padding=1)

@@ -9,47 +9,18 @@ import pytest
 import torch
 
 from resnet_fused.ops.triton import conv_bn_act as triton_op
-from sm90 import PRECISIONS, TRITON_TYPE, Job, compile_for_hopper, config_cases, reachable_configs, tile_name
-
-KERNEL = "resnet_fused.ops.triton.conv_bn_act:_conv_bn_act_fwd_kernel"
-INDEX_ARGS = (
-    "M", "N", "C", "H", "W", "K", "P", "Q", "tile_c", "tile_k", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
-    "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
-)
-# What the JIT specializes at a real launch (the launcher always passes channels_last input,
-# residual and output and a (K, R, S, C) weight): unit channel strides become constants; 16-aligned pointers and
-# multiple-of-16 sizes and strides get divisibility hints (ResNet channel counts are such, and
-# so are ResNeXt's channels per tile: 4-wide groups pack 4 to a 16-channel tile).
-UNIT_STRIDES = {"sx_c": 1, "sw_c": 1, "sr_k": 1, "so_k": 1}
-PER_CHANNEL = ("bias_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr")
-ALIGNED = (
-    "x_ptr", "w_ptr", *PER_CHANNEL, "res_ptr", "out_ptr", "C", "K", "tile_c", "tile_k",
-    "sx_n", "sx_h", "sx_w", "sw_k", "sw_r", "sw_s", "sr_n", "sr_p", "sr_q", "so_n", "so_p", "so_q",
-)
-
-
-def job(dtype, config, input_precision, use_int64=False, kernel_size=3, group_tile=1):
-    element = "*" + TRITON_TYPE[dtype]
-    signature = {name: "i64" if use_int64 else "i32" for name in INDEX_ARGS}
-    signature.update(x_ptr=element, w_ptr=element, res_ptr=element, out_ptr=element, eps="fp32")
-    signature.update({name: "*fp32" for name in PER_CHANNEL})
-    constexprs = dict(
-        UNIT_STRIDES, R=kernel_size, S=kernel_size, HAS_BIAS=True, HAS_BN_WEIGHT=True, HAS_BN_BIAS=True,
-        HAS_RESIDUAL=True, APPLY_RELU=True, GROUP_TILE=group_tile, INPUT_PRECISION=input_precision,
-        USE_INT64=use_int64, **config.kwargs,
-    )
-    return Job(KERNEL, signature, constexprs, config.num_warps, config.num_stages, ALIGNED)
+from sm90 import PRECISIONS, compile_for_hopper, config_cases, conv_bn_act_job, reachable_configs, tile_name
 
 
 def inference_cases():
     # Then 1x1 and 7x7 kernels and int64 indexing for the fp16 configs (ResNet's 1x1 convs, its
     # stem, huge batches).
-    out = config_cases(job)
+    out = config_cases(conv_bn_act_job)
     for config in triton_op.gpu_configs(torch.float16, 64, 64):
-        out[f"fp16-1x1-{tile_name(config)}"] = job(torch.float16, config, "ieee", kernel_size=1)
-        out[f"fp16-int64-{tile_name(config)}"] = job(torch.float16, config, "ieee", use_int64=True)
+        out[f"fp16-1x1-{tile_name(config)}"] = conv_bn_act_job(torch.float16, config, "ieee", kernel_size=1)
+        out[f"fp16-int64-{tile_name(config)}"] = conv_bn_act_job(torch.float16, config, "ieee", use_int64=True)
     for config in triton_op.gpu_configs(torch.float16, 3, 64):
-        out[f"fp16-7x7-{tile_name(config)}"] = job(torch.float16, config, "ieee", kernel_size=7)
+        out[f"fp16-7x7-{tile_name(config)}"] = conv_bn_act_job(torch.float16, config, "ieee", kernel_size=7)
     return out
 
 

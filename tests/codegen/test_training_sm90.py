@@ -16,7 +16,10 @@ import torch
 
 from resnet_fused.ops.triton import bn_act, conv_bn_stats
 from resnet_fused.ops.triton import conv_bn_act as inference
-from sm90 import TRITON_TYPE, Job, compile_for_hopper, config_cases, reachable_configs, tile_name
+from sm90 import (
+    BN_ACT_TENSORS, TRITON_TYPE, Job, bn_act_cases, bn_act_job, compile_for_hopper, config_cases, reachable_configs,
+    tile_name,
+)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -63,54 +66,9 @@ def finalize_job():
     return Job("resnet_fused.ops.triton.conv_bn_stats:_conv_bn_stats_finalize_kernel", signature, constexprs, 4, 3, aligned)
 
 
-# Per activation: its (n, k, l) stride names. NCHW: l unit, channels_last: k unit.
-ACTIVATIONS = {
-    "_bn_act_fwd_kernel": {"y_ptr": "sy", "res_ptr": "sr", "out_ptr": "so"},
-    "_bn_act_bwd_reduce_kernel": {"grad_ptr": "sg", "out_ptr": "so", "y_ptr": "sy"},
-    "_bn_act_bwd_kernel": {"grad_ptr": "sg", "out_ptr": "so", "y_ptr": "sy", "dy_ptr": "sd", "dres_ptr": "sr"},
-}
-PER_CHANNEL = ("mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr", "sum_g_ptr", "sum_gx_ptr", "part_g_ptr", "part_gx_ptr")
-FLAGS = {
-    "_bn_act_fwd_kernel": dict(HAS_GAMMA=True, HAS_BETA=True, HAS_RESIDUAL=True, APPLY_RELU=True),
-    "_bn_act_bwd_reduce_kernel": dict(APPLY_RELU=True, STEPS=bn_act._REDUCE_STEPS),
-    "_bn_act_bwd_kernel": dict(HAS_GAMMA=True, TRAINING=True, APPLY_RELU=True, RESIDUAL_GRAD=True),
-}
-SCALARS = {"eps": "fp32", "count": "fp32", "K": "i32", "L": "i32", "LB": "i32", "LS": "i32"}
-
-
-def bn_act_job(name, dtype, channels_last, use_int64=False):
-    """``name`` with every optional input on, as the launcher calls it for a ResNet activation
-    (K and L multiples of 16, 16-aligned pointers), GPU block sizes."""
-    fn = getattr(bn_act, name)
-    element = "*" + TRITON_TYPE[dtype]
-    index = "i64" if use_int64 else "i32"
-    signature, constexprs, aligned = {}, dict(FLAGS[name]), ["K", "L"]
-    for arg in fn.arg_names:
-        if arg in ACTIVATIONS[name]:
-            signature[arg] = element
-            aligned.append(arg)
-            prefix = ACTIVATIONS[name][arg]
-            unit, others = ("_k", ("_n", "_l")) if channels_last else ("_l", ("_n", "_k"))
-            constexprs[prefix + unit] = 1
-            for suffix in others:
-                signature[prefix + suffix] = index
-                aligned.append(prefix + suffix)
-        elif arg in PER_CHANNEL:
-            signature[arg] = "*fp32"
-            aligned.append(arg)
-        elif arg in SCALARS:
-            signature[arg] = SCALARS[arg]
-    block_l, block_k = bn_act._blocks(256, 56 * 56)
-    constexprs.update(USE_INT64=use_int64, BLOCK_L=block_l, BLOCK_K=block_k)
-    return Job(f"resnet_fused.ops.triton.bn_act:{name}", signature, constexprs, bn_act._NUM_WARPS, 3, tuple(aligned))
-
-
 def small_kernel_cases():
-    out = {"finalize": finalize_job()}
-    for name in ACTIVATIONS:
-        for dtype in DTYPES:
-            for channels_last in (False, True):
-                out[f"{name}-{TRITON_TYPE[dtype]}-{'nhwc' if channels_last else 'nchw'}"] = bn_act_job(name, dtype, channels_last)
+    out = {"finalize": finalize_job(), **bn_act_cases()}
+    for name in BN_ACT_TENSORS:
         out[f"{name}-fp16-int64"] = bn_act_job(name, torch.float16, True, use_int64=True)
     out["_bn_partials_sum_kernel"] = Job(
         "resnet_fused.ops.triton.bn_act:_bn_partials_sum_kernel",

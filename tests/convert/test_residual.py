@@ -15,9 +15,10 @@ from torch import nn
 
 import resnet_fused
 from helpers import CountOps, TextbookBlock, max_rel_error, pickle_round_trip, randomize_batch_norms, textbook_resnet
-from resnet_fused import FusedConv2d
+from resnet_fused import FoldedBatchNorm2d, FusedConv2d
 from resnet_fused.convert.residual import ResidualForward
 from resnet_fused.convert.tracing import SequentialsTraced
+from resnet_fused.ops.activation import Activation, Kind
 
 
 def check_converted(model, x, backend="cpu", leftover=None, tol=1e-5, counts=None):
@@ -460,3 +461,23 @@ def test_a_hook_added_after_convert_unfuses_the_copied_block_instead_of_failing(
         assert max_rel_error(out, block(x)) < 1e-6 and calls == [1]
         assert max_rel_error(other(x), block(x)) < 1e-6 and calls == [1, 1]
     assert "forward" not in other.__dict__ and not other.conv2[0].residual_fused and not other.conv2[0].relu
+
+
+class ActivatedConvBlock(nn.Module):
+    """relu(silu(bn(conv(x))) + x), conv + BN + SiLU one FusedConv2d built before convert."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = FoldedBatchNorm2d(nn.BatchNorm2d(6))
+        self.conv = FusedConv2d(nn.Conv2d(6, 6, 3, padding=1), self.bn, act=nn.SiLU(), backend="cpu")
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)) + x)
+
+
+def test_a_conv_with_another_activation_keeps_it_and_its_add_stays():
+    """The residual rewrite takes only convs that apply no activation: it sets ReLU, which would
+    replace the SiLU here."""
+    converted = check_converted(ActivatedConvBlock(), torch.randn(2, 6, 7, 5))
+    assert converted.conv.act == Activation(Kind.SILU) and not converted.conv.residual_fused

@@ -20,7 +20,7 @@ from cases import (
     BN_SHAPES, LAYOUTS, bn_apply_grid, bn_backward_apply_grid, bn_backward_reduce_grid, running_stats_grid,
     running_stats_spec_grid,
 )
-from helpers import assert_low_precision_close, max_rel_error
+from helpers import act_args, assert_low_precision_close, max_rel_error
 from resnet_fused.backends import REGISTRY
 from resnet_fused.ops import reference
 from resnet_fused.ops.triton import bn_act
@@ -95,7 +95,7 @@ def test_apply(backend, shape, dtype, layout, with_residual, relu, with_gamma):
     mean, var = batch_stats(y)
     gamma, beta = channel_params(shape[1], 4) if with_gamma else (None, None)
     residual = activation(shape, dtype, channels_last, seed=5) if with_residual else None
-    args = (y, mean, var, gamma, beta, APPLY_EPS, residual, relu)
+    args = (y, mean, var, gamma, beta, APPLY_EPS, residual, *act_args(relu))
     out = kernels(backend).apply(*args)
     assert_close(out, reference.bn_act_apply(*double(args)), reference.bn_act_apply(*args))
     assert_format(out, channels_last)
@@ -106,7 +106,7 @@ def test_apply_nan_propagates(backend):
     y[1, 2, 3, 4] = float("nan")
     y[0, 0, 0, 0] = float("-inf")
     y[0, :, 1, 1] = float("nan")
-    out = kernels(backend).apply(y, torch.zeros(3), torch.ones(3), None, None, EPS, None, True)
+    out = kernels(backend).apply(y, torch.zeros(3), torch.ones(3), None, None, EPS, None, *act_args(True))
     assert out[1, 2, 3, 4].isnan() and out[0, 0, 0, 0] == 0  # relu(NaN) = NaN, relu(-inf) = 0
     assert out[0, :, 1, 1].isnan().all() and not out[0, :, 0, 0].isnan().any()
     assert out.isnan().sum() == 4
@@ -125,10 +125,10 @@ def test_per_channel_tensors_of_other_dtypes(backend):
     fp32 = {name: t.float() for name, t in mixed.items()}
 
     def run(mean, var, gamma, beta):
-        out = k.apply(y, mean, var, gamma, beta, EPS, None, True)
-        sums = k.backward_reduce(grad_out, out, y, mean, var, EPS, True)
-        return out, *sums, *k.backward_apply(grad_out, out, y, mean, var, gamma, EPS, sums[0].half(),
-                                             sums[1].double(), 315, True, True, False)
+        out = k.apply(y, mean, var, gamma, beta, EPS, None, *act_args(True))
+        sums = k.backward_reduce(grad_out, out, y, mean, var, None, None, EPS, *act_args(True))
+        return out, *sums, *k.backward_apply(grad_out, out, y, mean, var, gamma, None, EPS, sums[0].half(),
+                                             sums[1].double(), 315, True, *act_args(True), False)
 
     for a, e in zip(run(**mixed), run(**fp32)):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
@@ -144,7 +144,7 @@ def backward_case(shape, dtype, channels_last, relu, seed):
     mean, var = batch_stats(y)
     gamma, beta = channel_params(shape[1], seed + 1)
     residual = activation(shape, dtype, channels_last, seed + 3)
-    out = reference.bn_act_apply(y, mean, var, gamma, beta, EPS, residual, relu)
+    out = reference.bn_act_apply(y, mean, var, gamma, beta, EPS, residual, *act_args(relu))
     grad_out = activation(shape, dtype, channels_last, seed + 2)
     return grad_out, out, y, mean, var, gamma
 
@@ -153,7 +153,7 @@ def backward_case(shape, dtype, channels_last, relu, seed):
 def test_backward_reduce(backend, shape, dtype, layout, relu):
     shape = BN_SHAPES[shape]
     grad_out, out, y, mean, var, _ = backward_case(shape, dtype, layout == "nhwc", relu, seed=10)
-    args = (grad_out, out, y, mean, var, EPS, relu)
+    args = (grad_out, out, y, mean, var, None, None, EPS, *act_args(relu))
     sums = kernels(backend).backward_reduce(*args)
     for actual, exact in zip(sums, reference.bn_act_backward_reduce(*double(args))):
         assert actual.dtype == acc(dtype) and actual.shape == (shape[1],)
@@ -167,9 +167,10 @@ def test_backward_apply(backend, dtype, layout, relu, training, residual_grad, w
     grad_out, out, y, mean, var, gamma = backward_case(shape, dtype, channels_last, relu, seed=20)
     gamma = gamma if with_gamma else None
     sum_g, sum_g_xhat = (s.to(acc(dtype)) for s in reference.bn_act_backward_reduce(
-        *double((grad_out, out, y, mean, var, EPS, relu))))
+        *double((grad_out, out, y, mean, var, None, None, EPS, *act_args(relu)))))
     count = y.numel() // shape[1]
-    args = (grad_out, out, y, mean, var, gamma, EPS, sum_g, sum_g_xhat, count, training, relu, residual_grad)
+    args = (grad_out, out, y, mean, var, gamma, None, EPS, sum_g, sum_g_xhat, count, training, *act_args(relu),
+            residual_grad)
     dy, d_res = kernels(backend).backward_apply(*args)
     exact, unfused = reference.bn_act_backward_apply(*double(args)), reference.bn_act_backward_apply(*args)
     assert_close(dy, exact[0], unfused[0])
@@ -186,8 +187,9 @@ def test_backward_count_from_argument(backend):
     """Under SyncBatchNorm the statistics cover more values than this tensor holds: count wins."""
     k = kernels(backend)
     grad_out, out, y, mean, var, gamma = backward_case(BN_SHAPES["odd"], torch.float64, False, True, seed=30)
-    sum_g, sum_g_xhat = k.backward_reduce(grad_out, out, y, mean, var, EPS, True)
-    args = (grad_out, out, y, mean, var, gamma, EPS, sum_g * 3, sum_g_xhat * 3, 3 * y.numel() // 5, True, True, False)
+    sum_g, sum_g_xhat = k.backward_reduce(grad_out, out, y, mean, var, None, None, EPS, *act_args(True))
+    args = (grad_out, out, y, mean, var, gamma, None, EPS, sum_g * 3, sum_g_xhat * 3, 3 * y.numel() // 5, True,
+            *act_args(True), False)
     assert max_rel_error(k.backward_apply(*args)[0], reference.bn_act_backward_apply(*args)[0]) < 1e-12
 
 
@@ -203,7 +205,8 @@ def test_relu_mask_and_eval_ignores_sums(backend):
     grad_out[0, 1, 1, 1] = float("nan")
     m, v = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     sums = torch.full((2,), float("nan"), dtype=torch.float64)
-    dy, d_res = kernels(backend).backward_apply(grad_out, out, y, m, v, None, 0.0, sums, sums, 24, False, True, True)
+    dy, d_res = kernels(backend).backward_apply(grad_out, out, y, m, v, None, None, 0.0, sums, sums, 24, False,
+                                                *act_args(True), True)
     expected = torch.ops.aten.threshold_backward(grad_out, out, 0.0)
     torch.testing.assert_close(d_res, expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(dy, expected, rtol=0, atol=0, equal_nan=True)
@@ -269,13 +272,14 @@ def test_empty_input(backend, shape):
     k = kernels(backend)
     y = torch.randn(shape)
     m, v = torch.zeros(3), torch.ones(3)
-    assert k.apply(y, m, v, None, None, EPS, y, True).shape == shape
-    sum_g, sum_g_xhat = k.backward_reduce(y, y, y, m, v, EPS, True)
+    assert k.apply(y, m, v, None, None, EPS, y, *act_args(True)).shape == shape
+    sum_g, sum_g_xhat = k.backward_reduce(y, y, y, m, v, None, None, EPS, *act_args(True))
     assert sum_g.tolist() == sum_g_xhat.tolist() == [0.0] * 3
     for training in (True, False):
-        dy, d_res = k.backward_apply(y, y, y, m, v, None, EPS, sum_g, sum_g_xhat, 1, training, True, True)
+        dy, d_res = k.backward_apply(y, y, y, m, v, None, None, EPS, sum_g, sum_g_xhat, 1, training, *act_args(True),
+                                     True)
         assert dy.shape == d_res.shape == shape
-    _, d_res = k.backward_apply(y, y, y, m, v, None, EPS, sum_g, sum_g_xhat, 1, True, True, False)
+    _, d_res = k.backward_apply(y, y, y, m, v, None, None, EPS, sum_g, sum_g_xhat, 1, True, *act_args(True), False)
     assert d_res.shape == (0,)
 
 
@@ -289,9 +293,9 @@ def test_operands_in_other_layouts(backend):
     grad_out = activation(BN_SHAPES["k67"], torch.float32, True, seed=53)
 
     def run(res, grad):
-        out = k.apply(y, mean, var, gamma, beta, EPS, res, True)
-        sums = k.backward_reduce(grad, out, y, mean, var, EPS, True)
-        back = k.backward_apply(grad, out, y, mean, var, gamma, EPS, *sums, 30, True, True, True)
+        out = k.apply(y, mean, var, gamma, beta, EPS, res, *act_args(True))
+        sums = k.backward_reduce(grad, out, y, mean, var, None, None, EPS, *act_args(True))
+        back = k.backward_apply(grad, out, y, mean, var, gamma, None, EPS, *sums, 30, True, *act_args(True), True)
         return out, *sums, *back
 
     expected = run(residual, grad_out)
@@ -308,15 +312,15 @@ def op_cases(k, channels_last):
     mean, var = batch_stats(y)
     gamma, beta = channel_params(5, 71)
     residual = activation(BN_SHAPES["odd"], torch.float32, channels_last, seed=72)
-    out = k.apply(y, mean, var, gamma, beta, EPS, residual, True)
-    sums = k.backward_reduce(residual, out, y, mean, var, EPS, True)
+    out = k.apply(y, mean, var, gamma, beta, EPS, residual, *act_args(True))
+    sums = k.backward_reduce(residual, out, y, mean, var, None, None, EPS, *act_args(True))
     return [
-        (k.apply, (y, mean, var, gamma, beta, EPS, residual, True)),
-        (k.apply, (y, mean, var, None, None, EPS, None, False)),
-        (k.backward_reduce, (residual, out, y, mean, var, EPS, True)),
-        (k.backward_apply, (residual, out, y, mean, var, gamma, EPS, *sums, 315, True, True, True)),
-        (k.backward_apply, (residual, out, y, mean, var, gamma, EPS, *sums, 315, True, True, False)),
-        (k.backward_apply, (residual, out, y, mean, var, None, EPS, *sums, 315, False, False, False)),
+        (k.apply, (y, mean, var, gamma, beta, EPS, residual, *act_args(True))),
+        (k.apply, (y, mean, var, None, None, EPS, None, *act_args(False))),
+        (k.backward_reduce, (residual, out, y, mean, var, None, None, EPS, *act_args(True))),
+        (k.backward_apply, (residual, out, y, mean, var, gamma, None, EPS, *sums, 315, True, *act_args(True), True)),
+        (k.backward_apply, (residual, out, y, mean, var, gamma, None, EPS, *sums, 315, True, *act_args(True), False)),
+        (k.backward_apply, (residual, out, y, mean, var, None, None, EPS, *sums, 315, False, *act_args(False), False)),
         (k.update_running_stats, (torch.zeros(5), torch.ones(5), mean, var, 315, 0.1)),
     ]
 
@@ -393,9 +397,10 @@ def test_non_dense_y_is_treated_as_nchw():
     assert not y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
     mean, var = ops.bn_stats(y)
     assert max_rel_error(var, reference.bn_stats(y.double())[1]) < 1e-5
-    out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, False)
+    out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, *act_args(False))
     assert out.is_contiguous()
-    torch.testing.assert_close(out, ops.bn_act_apply(y.contiguous(), mean, var, None, None, EPS, None, False))
+    torch.testing.assert_close(out, ops.bn_act_apply(y.contiguous(), mean, var, None, None, EPS, None,
+                                                     *act_args(False)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -409,8 +414,9 @@ def test_reductions_do_not_depend_on_thread_count(channels_last):
         for n in (1, 2):
             torch.set_num_threads(n)
             mean, var = ops.bn_stats(y)
-            out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, True)
-            results.append((mean, var, *ops.bn_act_backward_reduce(grad_out, out, y, mean, var, EPS, True)))
+            out = ops.bn_act_apply(y, mean, var, None, None, EPS, None, *act_args(True))
+            results.append((mean, var, *ops.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, EPS,
+                                                                   *act_args(True))))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -426,9 +432,10 @@ def test_compiles_in_one_graph():
     def unit(y, grad_out, running_mean, running_var):
         mean, var = ops.bn_stats(y)
         ops.bn_update_running_stats_(running_mean, running_var, mean, var, 315, 0.1)
-        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, True)
-        sums = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, EPS, True)
-        return out, ops.bn_act_backward_apply(grad_out, out, y, mean, var, gamma, EPS, *sums, 315, True, True, False)
+        out = ops.bn_act_apply(y, mean, var, gamma, beta, EPS, None, *act_args(True))
+        sums = ops.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, EPS, *act_args(True))
+        return out, ops.bn_act_backward_apply(grad_out, out, y, mean, var, gamma, None, EPS, *sums, 315, True,
+                                              *act_args(True), False)
 
     running = [torch.zeros(5), torch.ones(5)], [torch.zeros(5), torch.ones(5)]
     compiled = torch.compile(unit, backend="aot_eager", fullgraph=True)
@@ -440,25 +447,25 @@ def test_compiles_in_one_graph():
 def test_bad_input_names_the_argument():
     y, m, v = torch.randn(2, 5, 3, 3), torch.zeros(5), torch.ones(5)
     with pytest.raises(RuntimeError, match=r"bn_act_apply: mean must be a 1-D tensor of length K=5.*got shape \[4\]"):
-        ops.bn_act_apply(y, m[:4], v, None, None, EPS, None, True)
+        ops.bn_act_apply(y, m[:4], v, None, None, EPS, None, *act_args(True))
     with pytest.raises(RuntimeError, match=r"bn_act_apply: gamma must be a 1-D tensor of length K=5"):
-        ops.bn_act_apply(y, m, v, torch.ones(6), None, EPS, None, True)
+        ops.bn_act_apply(y, m, v, torch.ones(6), None, EPS, None, *act_args(True))
     with pytest.raises(RuntimeError, match="bn_stats: y must be float32, float16, bfloat16 or float64, got torch.int"):
         ops.bn_stats(y.long())
     with pytest.raises(RuntimeError, match="bn_stats: y must be a 4-D"):
         ops.bn_stats(y[0])
     with pytest.raises(RuntimeError, match="residual dtype torch.float64 does not match y dtype torch.float32"):
-        ops.bn_act_apply(y, m, v, None, None, EPS, y.double(), True)
+        ops.bn_act_apply(y, m, v, None, None, EPS, y.double(), *act_args(True))
     with pytest.raises(RuntimeError, match=r"bn_act_backward_reduce: out must have y's shape"):
-        ops.bn_act_backward_reduce(y, y[:1], y, m, v, EPS, True)
+        ops.bn_act_backward_reduce(y, y[:1], y, m, v, None, None, EPS, *act_args(True))
     with pytest.raises(RuntimeError, match="bn_act_backward_reduce: var must be a floating tensor, got torch.int64"):
-        ops.bn_act_backward_reduce(y, y, y, m, v.long(), EPS, True)
+        ops.bn_act_backward_reduce(y, y, y, m, v.long(), None, None, EPS, *act_args(True))
     with pytest.raises(RuntimeError, match="bn_act_backward_apply: sum_g must be a 1-D tensor of length K=5"):
-        ops.bn_act_backward_apply(y, y, y, m, v, None, EPS, m[:2], m, 18, True, True, False)
+        ops.bn_act_backward_apply(y, y, y, m, v, None, None, EPS, m[:2], m, 18, True, *act_args(True), False)
     with pytest.raises(RuntimeError, match="bn_act_backward_apply: count .* must be positive, got 0"):
-        ops.bn_act_backward_apply(y, y, y, m, v, None, EPS, m, m, 0, True, True, False)
+        ops.bn_act_backward_apply(y, y, y, m, v, None, None, EPS, m, m, 0, True, *act_args(True), False)
     with pytest.raises(RuntimeError, match="eps must be non-negative and finite"):
-        ops.bn_act_apply(y, m, v, None, None, -1.0, None, True)
+        ops.bn_act_apply(y, m, v, None, None, -1.0, None, *act_args(True))
     for count in (1, 0):
         with pytest.raises(RuntimeError, match=f"bn_update_running_stats_: count .* must be > 1 .*got {count}"):
             ops.bn_update_running_stats_(m.clone(), v.clone(), m, v, count, 0.1)
@@ -468,7 +475,7 @@ def test_bad_input_names_the_argument():
     # the CPU kernel is called directly.
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     with pytest.raises(RuntimeError, match="bn_act_apply: mean is on meta but y is on cpu"):
-        ops.bn_act_apply.default.redispatch(cpu, y, m.to("meta"), v, None, None, EPS, None, True)
+        ops.bn_act_apply.default.redispatch(cpu, y, m.to("meta"), v, None, None, EPS, None, *act_args(True))
 
 
 # ------------------------------------------------------------------------------------- Triton: small tiles
@@ -497,8 +504,9 @@ def test_triton_apply_small_tiles_mixed_layouts_and_broadcast():
     y, mean, var, pc, residual, _ = bn_case(BN_SHAPES["k67"], "nhwc", 11)
     gamma = torch.randn(2 * y.shape[1], dtype=torch.float64)[::2]
     for res in (residual.contiguous(), torch.randn(1, y.shape[1], 1, 1).expand(y.shape)):
-        out = bn_act.apply_launch(y, mean.double(), var, gamma, pc["beta"], 1e-5, res, True, blocks=SMALL_BLOCKS)
-        exact = reference.bn_act_apply(d(y), d(mean), d(var), d(gamma), d(pc["beta"]), 1e-5, d(res), True)
+        out = bn_act.apply_launch(y, mean.double(), var, gamma, pc["beta"], 1e-5, res, *act_args(True),
+                                  blocks=SMALL_BLOCKS)
+        exact = reference.bn_act_apply(d(y), d(mean), d(var), d(gamma), d(pc["beta"]), 1e-5, d(res), *act_args(True))
         assert max_rel_error(out, exact) < 1e-5
 
 
@@ -507,9 +515,10 @@ def test_triton_apply_small_tiles_mixed_layouts_and_broadcast():
 @pytest.mark.parametrize("name", BN_SHAPES)
 def test_triton_backward_reduce_small_blocks(name, layout_name, relu):
     y, mean, var, pc, residual, grad_out = bn_case(BN_SHAPES[name], layout_name, 13)
-    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, relu)
-    sum_g, sum_gx = bn_act.backward_reduce_launch(grad_out, out, y, mean, var, 1e-5, relu, blocks=SMALL_BLOCKS, steps=2)
-    exact_g, exact_gx = reference.bn_act_backward_reduce(d(grad_out), d(out), d(y), d(mean), d(var), 1e-5, relu)
+    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, *act_args(relu))
+    act = (None, None, 1e-5, *act_args(relu))  # gamma, beta (unread: no activation needs z here), eps, activation
+    sum_g, sum_gx = bn_act.backward_reduce_launch(grad_out, out, y, mean, var, *act, blocks=SMALL_BLOCKS, steps=2)
+    exact_g, exact_gx = reference.bn_act_backward_reduce(d(grad_out), d(out), d(y), d(mean), d(var), *act)
     assert sum_g.dtype == sum_gx.dtype == torch.float32 and sum_g.shape == (y.shape[1],)
     assert max_rel_error(sum_g, exact_g) < 1e-5
     assert max_rel_error(sum_gx, exact_gx) < 1e-5
@@ -517,8 +526,9 @@ def test_triton_backward_reduce_small_blocks(name, layout_name, relu):
 
 def test_triton_backward_reduce_is_deterministic():
     y, mean, var, pc, residual, grad_out = bn_case(BN_SHAPES["k67"], "nchw", 14)
-    first = bn_act.backward_reduce_launch(grad_out, y, y, mean, var, 1e-5, True, blocks=SMALL_BLOCKS, steps=1)
-    second = bn_act.backward_reduce_launch(grad_out, y, y, mean, var, 1e-5, True, blocks=SMALL_BLOCKS, steps=1)
+    args = (grad_out, y, y, mean, var, None, None, 1e-5, *act_args(True))
+    first = bn_act.backward_reduce_launch(*args, blocks=SMALL_BLOCKS, steps=1)
+    second = bn_act.backward_reduce_launch(*args, blocks=SMALL_BLOCKS, steps=1)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -526,10 +536,11 @@ def test_triton_backward_reduce_is_deterministic():
 def test_triton_backward_apply_small_tiles_mixed_layouts():
     """grad_out in NCHW (as autograd often hands it) against a channels_last y."""
     y, mean, var, pc, residual, grad_out = bn_case(BN_SHAPES["k67"], "nhwc", 16)
-    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, True)
-    sum_g, sum_gx = reference.bn_act_backward_reduce(grad_out, out, y, mean, var, 1e-5, True)
+    out = reference.bn_act_apply(y, mean, var, pc["gamma"], pc["beta"], 1e-5, residual, *act_args(True))
+    sum_g, sum_gx = reference.bn_act_backward_reduce(grad_out, out, y, mean, var, None, None, 1e-5, *act_args(True))
     count = y.numel() // y.shape[1]
-    args = (grad_out.contiguous(), out, y, mean, var, pc["gamma"], 1e-5, sum_g, sum_gx, count, True, True, True)
+    args = (grad_out.contiguous(), out, y, mean, var, pc["gamma"], None, 1e-5, sum_g, sum_gx, count, True,
+            *act_args(True), True)
     dy, d_res = bn_act.backward_apply_launch(*args, blocks=SMALL_BLOCKS)
     exact_dy, exact_res = reference.bn_act_backward_apply(*(d(a) if isinstance(a, torch.Tensor) else a for a in args))
     assert dy.is_contiguous(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ from cases import (
     ALL_CONV_SHAPES, CONV_SHAPES, CUTLASS_SHAPES, GROUPED_GPU_SHAPES, GROUPED_SHAPES, RESNET50_IDS, conv_bn_act_grid,
     exact_and_unfused, fused, grouped_grid, make_case, make_grouped_case, tiny_variance_case,
 )
-from helpers import assert_low_precision_close, assert_output_close, max_rel_error
+from helpers import act_args, assert_low_precision_close, assert_output_close, max_rel_error
 from resnet_fused.functional import conv_bn_act
 from resnet_fused.ops import reference
 from resnet_fused.ops.shapes import span
@@ -130,7 +130,7 @@ def test_empty_batch_returns_empty_output(backend):
 def _op_and_args(backend, x, weight, bias, bn, residual, stride, groups=1):
     """The backend's custom op (torch.library) and its arguments for one case."""
     args = (x, weight, bias, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5,
-            residual, [stride, stride], [1, 1], [1, 1], groups, True)
+            residual, [stride, stride], [1, 1], [1, 1], groups, *act_args(True))
     if backend == "triton":
         return triton_op.conv_bn_act_triton, (*args, False)
     return torch.ops.resnet_fused.conv_bn_act.default, args
@@ -249,8 +249,8 @@ def test_every_autotuner_config(name, dtype):
     for config in triton_op.gpu_configs(dtype, x.shape[1], weight.shape[0]):
         out = triton_op.launch(
             x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"], 1e-5, residual,
-            [conv_args["stride"]] * 2, [conv_args["padding"]] * 2, [conv_args["dilation"]] * 2, 1, True, False,
-            config=config,
+            [conv_args["stride"]] * 2, [conv_args["padding"]] * 2, [conv_args["dilation"]] * 2, 1, *act_args(True),
+            False, config=config,
         )
         assert_output_close(out, exact, unfused, dtype, True)
 
@@ -271,7 +271,7 @@ def test_grouped_conv_every_config_and_statistics(name, dtype):
     conv = (pair(conv_args["stride"]), pair(conv_args["padding"]), pair(conv_args["dilation"]), groups)
     for config in triton_op.gpu_configs(dtype, tile_c, tile_k):
         out = triton_op.launch(x, weight, None, bn["bn_weight"], bn["bn_bias"], bn["running_mean"], bn["running_var"],
-                               1e-5, residual, *conv, True, False, config=config)
+                               1e-5, residual, *conv, *act_args(True), False, config=config)
         assert_output_close(out, exact, unfused, dtype, True)
     assert_output_close(fused(x, weight, bn, residual, conv_args, "triton"), exact, unfused, dtype, True)
 

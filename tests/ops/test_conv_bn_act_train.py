@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cases import TRAIN_GPU_SHAPES
-from helpers import assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms
+from helpers import act_args, assert_grads_close, assert_low_precision_close, max_rel_error, randomize_batch_norms
 from resnet_fused import functional
 from resnet_fused.nn import fuse_conv_bn
 from resnet_fused.training import conv_bn_act_train
@@ -44,7 +44,7 @@ def call_op(ops, running, backend, relu, batch_stats, eps=1e-3, groups=1):
     mean, var = (None, None) if batch_stats else running
     return conv_bn_act_train(
         ops["x"], ops["weight"], ops["bias"], ops["bn_weight"], ops["bn_bias"], mean, var, eps, ops["residual"],
-        [1, 1], [1, 1], [1, 1], groups, relu, backend, False,
+        [1, 1], [1, 1], [1, 1], groups, *act_args(relu), backend, False,
     )[0]
 
 
@@ -102,7 +102,7 @@ def test_op_contract(backend):
                    for n, t in ops.items()}
         for mean, var in ((None, None), running):
             args = (ops["x"], ops["weight"], ops["bias"], ops["bn_weight"], ops["bn_bias"], mean, var, 1e-5,
-                    ops["residual"], [1, 1], [1, 1], [1, 1], 1, True, backend, False)
+                    ops["residual"], [1, 1], [1, 1], [1, 1], 1, *act_args(True), backend, False)
             torch.library.opcheck(conv_bn_act_train, args)
 
 

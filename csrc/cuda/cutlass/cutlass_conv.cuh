@@ -11,10 +11,12 @@
 #include <cstddef>
 
 #include "cutlass_plan.h"
+#include "epilogue.h"
 
 namespace resnet_fused {
 
-// One fused launch: out = act(conv(x, w) * scale[k] + shift[k] [+ residual]).
+// One fused launch: out = act(conv(x, w) * scale[k] + shift[k] [+ residual]),
+// act any kind on sm80 and a clamp on sm90 (cutlass_plan::detail::sm90_applies).
 // Every tensor is dense, 16-byte aligned, in the shape's dtype.
 struct ConvLaunch {
   cutlass_plan::ConvShape shape;
@@ -25,7 +27,7 @@ struct ConvLaunch {
   const float* scale;    // (K,) BN scale, fp32; read by the sm90 epilogue only
   const float* shift;    // (K,) BN shift (conv bias folded in), fp32
   const int* exponent;   // sm80: e of the filter's 2^-e (epilogue.h), one int of device memory; nullptr: e = 0
-  bool relu;
+  Activation<float> act;
   void* workspace;       // workspace_size(shape) bytes of device memory, or nullptr when 0
   cudaStream_t stream;
 };

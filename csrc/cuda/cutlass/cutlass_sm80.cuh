@@ -1,6 +1,6 @@
 // CUTLASS 2.x fprop for Ampere (mma.sync + cp.async; it also runs on Hopper,
 // where it takes the shapes the sm90 kernel's TMA cannot): implicit GEMM whose
-// epilogue adds the BN shift and the residual and applies the ReLU:
+// epilogue adds the BN shift and the residual and applies the activation:
 //
 //   out[m, k] = act(acc[m, k] * 2^e + shift[k] [+ residual[m, k]])
 //
@@ -23,10 +23,12 @@
 //
 // The output functor is our own (BiasResidualAct below) rather than CUTLASS's
 // LinearCombinationResidualBlock: that one always reads the residual
-// (is_source_needed() is true) and fixes ReLU at compile time; ours skips the
-// residual load when there is none and takes ReLU as a run-time flag, so one
-// instantiation serves all four residual/ReLU combinations. Its per-element
-// math is epilogue.h's residual_add_act, the function the CPU kernel runs.
+// (is_source_needed() is true) and fixes its activation at compile time; ours
+// skips the residual load when there is none and takes the activation as a
+// run-time (kind, a, b), so one instantiation serves every residual and
+// activation combination (a warp-uniform switch per element, next to which
+// the epilogue's memory traffic dominates). Its per-element math is
+// epilogue.h's residual_add_act, the function the CPU kernel runs.
 #pragma once
 
 #include <cutlass/array.h>
@@ -78,7 +80,7 @@ class BiasResidualAct {
 
   struct Params {
     bool has_residual = false;
-    bool relu = false;
+    Activation<float> act{ActKind::kIdentity, 0.0f, 0.0f};
     const int* exponent = nullptr;  // e, in device memory (conv_bn_act.cu writes it); nullptr: e = 0
   };
 
@@ -105,7 +107,7 @@ class BiasResidualAct {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
       frag_Z[i] = to_out(
-          residual_add_act<float>(mul_rn(AB[i], gain_) + V[i], static_cast<float>(frag_C[i]), true, params_.relu));
+          residual_add_act<float>(mul_rn(AB[i], gain_) + V[i], static_cast<float>(frag_C[i]), true, params_.act));
     }
   }
 
@@ -115,7 +117,7 @@ class BiasResidualAct {
     cutlass::NumericConverter<ElementZ, float, cutlass::FloatRoundStyle::round_to_nearest> to_out;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
-      frag_Z[i] = to_out(residual_add_act<float>(mul_rn(AB[i], gain_) + V[i], 0.0f, false, params_.relu));
+      frag_Z[i] = to_out(residual_add_act<float>(mul_rn(AB[i], gain_) + V[i], 0.0f, false, params_.act));
     }
   }
 
@@ -169,7 +171,7 @@ struct FpropBnAct {
     const auto out_layout = Layout::packed(cutlass::conv::implicit_gemm_tensor_c_extent(cutlass::conv::Operator::kFprop, size));
     typename OutputOp::Params op;
     op.has_residual = l.residual != nullptr;
-    op.relu = l.relu;
+    op.act = l.act;
     op.exponent = l.exponent;
     return Arguments(size, {x, act_layout}, {w, flt_layout}, {c, out_layout}, {out, out_layout}, op,
                      cutlass::conv::SplitKMode::kSerial,

@@ -14,8 +14,10 @@
 // loads C (is_C_load_needed() is false), so C may point at the output.
 // (PerColResAddPerColBiasEltAct would apply the activation before the add,
 // which is not a ResNet block.) The activation is Clamp with run-time bounds:
-// [0, +inf] is ReLU, [-inf, +inf] the identity, so one instantiation serves
-// both; Clamp propagates NaN as torch.relu does.
+// [0, +inf] is ReLU, [-inf, +inf] the identity and [a, b] Hardtanh (ReLU6 is
+// [0, 6]), so one instantiation serves all three; Clamp propagates NaN as
+// torch.clamp does. The other kinds never reach it: the plan sends them to
+// the exact path (cutlass_plan::detail::sm90_applies).
 //
 // Included only by the cutlass_sm90_*.cu files, which setup.py compiles with
 // -gencode arch=compute_90a,code=sm_90a (wgmma and TMA need the "a" target;
@@ -117,8 +119,12 @@ struct FpropBnAct {
     fusion.alpha_ptr = l.scale;  // per-column vector (dAlpha defaults to {0, 1, 0})
     fusion.bias_ptr = l.shift;
     fusion.beta = l.residual != nullptr ? 1.0f : 0.0f;
-    fusion.activation.lower_bound = l.relu ? 0.0f : -std::numeric_limits<float>::infinity();
-    fusion.activation.upper_bound = std::numeric_limits<float>::infinity();
+    const float inf = std::numeric_limits<float>::infinity();
+    float lower = -inf, upper = inf;  // the identity
+    if (l.act.kind == ActKind::kRelu) lower = 0.0f;
+    if (l.act.kind == ActKind::kHardtanh) lower = l.act.a, upper = l.act.b;
+    fusion.activation.lower_bound = lower;
+    fusion.activation.upper_bound = upper;
     return args;
   }
 
@@ -135,6 +141,9 @@ struct FpropBnAct {
   }
 
   static int run(const ConvLaunch& l) {
+    // A kind that is no clamp would run as the identity: refuse (the op then
+    // takes the exact path), though the plan never sends one.
+    if (!cutlass_plan::detail::sm90_applies(l.act.kind)) return static_cast<int>(cutlass::Status::kErrorNotSupported);
     const Arguments args = arguments(l);
     Conv conv;
     cutlass::Status status = conv.can_implement(args);

@@ -12,11 +12,11 @@ from ..kernels import Kernels
 
 
 def inference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual, stride, padding,
-              dilation, groups, relu, allow_tf32):
+              dilation, groups, act, act_a, act_b, allow_tf32):
     from .conv_bn_act import conv_bn_act_triton
 
     return conv_bn_act_triton(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, float(eps), residual, stride,
-                              padding, dilation, groups, relu, allow_tf32)
+                              padding, dilation, groups, act, act_a, act_b, allow_tf32)
 
 
 def kernels():

@@ -1,11 +1,11 @@
-"""Triton ``bn_act``: the BatchNorm(+residual)(+ReLU) half of a fused training unit.
+"""Triton ``bn_act``: the BatchNorm(+residual)(+activation) half of a fused training unit.
 
 The ops, in math (per channel k, over the M = N·H·W values of y (N, K, H, W) in channel k;
 ``reference.py`` holds the same in plain torch, the specification):
 
 - ``bn_act_apply_triton``: ``out = act(γ·(y − μ)·invstd + β [+ residual])``, invstd = 1/√(σ²+ε).
-- ``bn_act_backward_reduce_triton``: ``(Σ g, Σ g·x̂)``, g = grad_out zeroed where ``out <= 0`` (ReLU),
-  x̂ = (y − μ)·invstd: dβ and dγ.
+- ``bn_act_backward_reduce_triton``: ``(Σ g, Σ g·x̂)``, g = ∂L/∂z (z the pre-activation,
+  ``activation.act_grad``), x̂ = (y − μ)·invstd: dβ and dγ.
 - ``bn_act_backward_apply_triton``: ``(dy, d_residual)`` with batch statistics (training) or
   constant running statistics (eval), see ``_bn_act_bwd_kernel``.
 - ``bn_update_running_stats_triton_``: the momentum step of the running statistics, in place.
@@ -32,7 +32,9 @@ import triton
 import triton.language as tl
 
 from .. import fakes
+from ..activation import check_code
 from ..shapes import empty_like_activation, span
+from .activation import act, act_grad
 
 INT32_MAX = 2**31 - 1
 
@@ -75,6 +77,20 @@ def _inv_std(var_ptr, offs_k, mask_k, eps):
 
 
 @triton.jit
+def _normalize(y, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps, HAS_GAMMA: tl.constexpr,
+               HAS_BETA: tl.constexpr):
+    """``y·scale + shift`` in fp32, scale = γ·invstd, shift = β − μ·scale: the pre-activation
+    without residual, as the forward computes it (the backward recomputes it with this too)."""
+    scale = _inv_std(var_ptr, offs_k, mask_k, eps)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    shift = -tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
+    if HAS_BETA:
+        shift = shift + tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    return y.to(tl.float32) * scale[None, :] + shift[None, :]
+
+
+@triton.jit
 def _bn_act_fwd_kernel(
     y_ptr,  # y (N, K, L) any strides (NCHW or channels_last flattened over H·W), fp16/bf16/fp32
     res_ptr,  # residual (N, K, L) any strides, any float dtype; read only when HAS_RESIDUAL
@@ -84,6 +100,7 @@ def _bn_act_fwd_kernel(
     gamma_ptr,  # (K,) contiguous BatchNorm weight; read only when HAS_GAMMA
     beta_ptr,  # (K,) contiguous BatchNorm bias; read only when HAS_BETA
     eps,  # fp32
+    act_a, act_b,  # fp32 activation parameters (activation.act)
     K, L,
     LB,  # L-tiles per image: cdiv(L, BLOCK_L)
     sy_n, sy_k, sy_l,
@@ -92,7 +109,7 @@ def _bn_act_fwd_kernel(
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    APPLY_RELU: tl.constexpr,
+    ACT: tl.constexpr,  # activation.Kind
     USE_INT64: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -104,20 +121,12 @@ def _bn_act_fwd_kernel(
     if USE_INT64:
         n = n.to(tl.int64)
     mask = mask_l[:, None] & mask_k[None, :]
-    scale = _inv_std(var_ptr, offs_k, mask_k, eps)
-    if HAS_GAMMA:
-        scale = scale * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    shift = -tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32) * scale
-    if HAS_BETA:
-        shift = shift + tl.load(beta_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + n * sy_n + offs_l[:, None] * sy_l + offs_k[None, :] * sy_k, mask=mask, other=0.0)
-    z = y.to(tl.float32) * scale[None, :] + shift[None, :]
+    z = _normalize(y, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps, HAS_GAMMA, HAS_BETA)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + n * sr_n + offs_l[:, None] * sr_l + offs_k[None, :] * sr_k, mask=mask, other=0.0)
         z = z + r.to(tl.float32)
-    if APPLY_RELU:
-        # where(), not maximum(): a NaN must stay NaN, as it does in torch.relu.
-        z = tl.where(z < 0.0, 0.0, z)
+    z = act(z, ACT, act_a, act_b)
     tl.store(out_ptr + n * so_n + offs_l[:, None] * so_l + offs_k[None, :] * so_k,
              z.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -125,26 +134,33 @@ def _bn_act_fwd_kernel(
 @triton.jit
 def _bn_act_bwd_reduce_kernel(
     grad_ptr,  # grad_out (N, K, L) any strides, y's dtype
-    out_ptr,  # forward output (N, K, L) any strides; read only when APPLY_RELU (mask out <= 0)
+    out_ptr,  # forward output (N, K, L) any strides; read only when ACT is ReLU (mask out <= 0)
     y_ptr,  # forward input y (N, K, L) any strides
     mean_ptr,  # (K,) contiguous batch mean, any float dtype
     var_ptr,  # (K,) contiguous batch variance, any float dtype
+    gamma_ptr,  # (K,) contiguous BatchNorm weight; read only when HAS_GAMMA and ACT needs z
+    beta_ptr,  # (K,) contiguous BatchNorm bias; read only when HAS_BETA and ACT needs z
     part_g_ptr,  # [T, K] fp32 contiguous, T = N·LS: row pid_0 ← this program's Σ g
     part_gx_ptr,  # [T, K] fp32 contiguous: row pid_0 ← this program's Σ g·x̂
     eps,  # fp32
+    act_a, act_b,  # fp32 activation parameters (activation.act_grad)
     K, L,
     LS,  # programs per image along L; program (n·LS + s) covers L-tiles s·STEPS … s·STEPS + STEPS − 1
     sg_n, sg_k, sg_l,
     so_n, so_k, so_l,
     sy_n, sy_k, sy_l,
-    APPLY_RELU: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    ACT: tl.constexpr,  # activation.Kind
     USE_INT64: tl.constexpr,
     STEPS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Per-program partial sums of dβ = Σ g and dγ = Σ g·x̂, g = grad_out·[not out <= 0] (ReLU) or
-    grad_out, x̂ = (y − μ)·invstd (the normalized input, recomputed from y, not stored)."""
+    """Per-program partial sums of dβ = Σ g and dγ = Σ g·x̂, g = ∂L/∂z = act'·grad_out
+    (``activation.act_grad``: from the output for ReLU, from z = γ·x̂ + β recomputed from y for
+    the kinds that need z), x̂ = (y − μ)·invstd (the normalized input, recomputed from y, not
+    stored)."""
     pid = tl.program_id(0)
     n = pid // LS
     split = pid % LS
@@ -158,11 +174,10 @@ def _bn_act_bwd_reduce_kernel(
     for _ in range(STEPS):
         mask = (offs_l < L)[:, None] & mask_k[None, :]
         g = tl.load(grad_ptr + n * sg_n + offs_l[:, None] * sg_l + offs_k[None, :] * sg_k, mask=mask, other=0.0)
-        g = g.to(tl.float32)
-        if APPLY_RELU:
-            o = tl.load(out_ptr + n * so_n + offs_l[:, None] * so_l + offs_k[None, :] * so_k, mask=mask, other=0.0)
-            g = tl.where(o <= 0.0, 0.0, g)  # a NaN output passes its gradient, as in torch
         y = tl.load(y_ptr + n * sy_n + offs_l[:, None] * sy_l + offs_k[None, :] * sy_k, mask=mask, other=0.0)
+        g = _grad_z(g.to(tl.float32), out_ptr, n * so_n + offs_l[:, None] * so_l + offs_k[None, :] * so_k, mask, y,
+                    mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps, act_a, act_b, HAS_GAMMA, HAS_BETA,
+                    ACT)
         xhat = (y.to(tl.float32) - mean[None, :]) * invstd[None, :]
         acc_g += g
         acc_gx += tl.where(mask, g * xhat, 0.0)
@@ -172,6 +187,21 @@ def _bn_act_bwd_reduce_kernel(
         row = pid.to(tl.int64) * K
     tl.store(part_g_ptr + row + offs_k, tl.sum(acc_g, axis=0), mask=mask_k)
     tl.store(part_gx_ptr + row + offs_k, tl.sum(acc_gx, axis=0), mask=mask_k)
+
+
+@triton.jit
+def _grad_z(g, out_ptr, out_offsets, mask, y, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps, act_a,
+            act_b, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr):
+    """g = ∂L/∂z from g = ∂L/∂out: ReLU reads its mask from the output; the kinds past ReLU
+    (Hardtanh, LeakyReLU, SiLU, Hardswish: activation.Activation.needs_preactivation) recompute
+    z from y, which is the whole pre-activation because they come without a residual."""
+    if ACT == 1:
+        o = tl.load(out_ptr + out_offsets, mask=mask, other=0.0)
+        g = act_grad(g, o.to(tl.float32), ACT, act_a, act_b)
+    elif ACT > 1:
+        z = _normalize(y, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps, HAS_GAMMA, HAS_BETA)
+        g = act_grad(g, z, ACT, act_a, act_b)
+    return g
 
 
 @triton.jit
@@ -202,17 +232,19 @@ def _bn_partials_sum_kernel(
 @triton.jit
 def _bn_act_bwd_kernel(
     grad_ptr,  # grad_out (N, K, L) any strides, y's dtype
-    out_ptr,  # forward output (N, K, L) any strides; read only when APPLY_RELU (mask out <= 0)
-    y_ptr,  # forward input y (N, K, L) any strides; read only when TRAINING
-    mean_ptr,  # (K,) contiguous mean used in the forward, any float dtype; read only when TRAINING
+    out_ptr,  # forward output (N, K, L) any strides; read only when ACT is ReLU (mask out <= 0)
+    y_ptr,  # forward input y (N, K, L) any strides; read only when TRAINING or ACT needs z
+    mean_ptr,  # (K,) contiguous mean used in the forward, any float dtype; read only when TRAINING or ACT needs z
     var_ptr,  # (K,) contiguous variance used in the forward, any float dtype
     gamma_ptr,  # (K,) contiguous BatchNorm weight; read only when HAS_GAMMA
+    beta_ptr,  # (K,) contiguous BatchNorm bias; read only when HAS_BETA and ACT needs z
     sum_g_ptr,  # (K,) contiguous Σ g (bn_act_backward_reduce); read only when TRAINING
     sum_gx_ptr,  # (K,) contiguous Σ g·x̂; read only when TRAINING
     dy_ptr,  # dy (N, K, L) any strides, y's dtype; written once
     dres_ptr,  # d_residual (N, K, L) any strides, y's dtype; written only when RESIDUAL_GRAD
     eps,  # fp32
     count,  # fp32: M, the values per channel the batch statistics were taken over
+    act_a, act_b,  # fp32 activation parameters (activation.act_grad)
     K, L,
     LB,  # L-tiles per image: cdiv(L, BLOCK_L)
     sg_n, sg_k, sg_l,
@@ -221,16 +253,18 @@ def _bn_act_bwd_kernel(
     sd_n, sd_k, sd_l,
     sr_n, sr_k, sr_l,
     HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
     TRAINING: tl.constexpr,
-    APPLY_RELU: tl.constexpr,
+    ACT: tl.constexpr,  # activation.Kind
     RESIDUAL_GRAD: tl.constexpr,
     USE_INT64: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """dy and d_residual of ``out = act(γ·x̂ + β [+ r])``, x̂ = (y − μ)·invstd.
+    """dy and d_residual of ``out = act(z)``, z = γ·x̂ + β [+ r], x̂ = (y − μ)·invstd.
 
-    g = ∂L/∂(pre-activation) = grad_out·[not out <= 0] with ReLU, else grad_out; d_residual = g.
+    g = ∂L/∂z = act'(z)·grad_out (``_grad_z``: ReLU's act' is [out > 0], the others' need z,
+    recomputed from y); d_residual = g.
     ∂L/∂x̂ = γ·g. In eval, μ and σ² are constants: ``dy = γ·invstd·g``.
     In training, μ = Σy/M and σ² = Σ(y − μ)²/M depend on every y of the channel:
     ∂x̂_j/∂y_i = invstd·(δ_ij − 1/M − x̂_i·x̂_j/M), so
@@ -249,9 +283,13 @@ def _bn_act_bwd_kernel(
         scale = scale * tl.load(gamma_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + n * sg_n + offs_l[:, None] * sg_l + offs_k[None, :] * sg_k, mask=mask, other=0.0)
     g = g.to(tl.float32)
-    if APPLY_RELU:
-        o = tl.load(out_ptr + n * so_n + offs_l[:, None] * so_l + offs_k[None, :] * so_k, mask=mask, other=0.0)
-        g = tl.where(o <= 0.0, 0.0, g)
+    if TRAINING or ACT > 1:
+        y = tl.load(y_ptr + n * sy_n + offs_l[:, None] * sy_l + offs_k[None, :] * sy_k, mask=mask, other=0.0)
+        y = y.to(tl.float32)
+    else:
+        y = g  # unread: neither constant statistics nor ReLU/identity need y
+    g = _grad_z(g, out_ptr, n * so_n + offs_l[:, None] * so_l + offs_k[None, :] * so_k, mask, y,
+                mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps, act_a, act_b, HAS_GAMMA, HAS_BETA, ACT)
     if RESIDUAL_GRAD:
         tl.store(dres_ptr + n * sr_n + offs_l[:, None] * sr_l + offs_k[None, :] * sr_k,
                  g.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -260,7 +298,6 @@ def _bn_act_bwd_kernel(
         mean = tl.load(mean_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         mean_g = tl.div_rn(tl.load(sum_g_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32), count)
         mean_gx = tl.div_rn(tl.load(sum_gx_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32), count)
-        y = tl.load(y_ptr + n * sy_n + offs_l[:, None] * sy_l + offs_k[None, :] * sy_k, mask=mask, other=0.0)
         xhat = (y.to(tl.float32) - mean[None, :]) * invstd[None, :]
         dy = dy - mean_g[None, :] - xhat * mean_gx[None, :]
     dy = dy * scale[None, :]
@@ -332,8 +369,9 @@ def _check_dtype(y: torch.Tensor) -> None:
         raise ValueError(f"y: Triton bn_act ops take float16, bfloat16 or float32, not {y.dtype}")
 
 
-def apply_launch(y, mean, var, gamma, beta, eps, residual, relu, blocks=None):
+def apply_launch(y, mean, var, gamma, beta, eps, residual, act, act_a, act_b, blocks=None):
     _check_dtype(y)
+    check_code(act)
     out = empty_like_activation(y)
     if out.numel() == 0:
         return out
@@ -349,16 +387,24 @@ def apply_launch(y, mean, var, gamma, beta, eps, residual, relu, blocks=None):
             y3, r3, o3, mean, var,
             _per_channel(gamma) if gamma is not None else var,
             _per_channel(beta) if beta is not None else var,
-            float(eps), k, length, lb, *y3.stride(), *r3.stride(), *o3.stride(),
+            float(eps), float(act_a), float(act_b), k, length, lb, *y3.stride(), *r3.stride(), *o3.stride(),
             HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RESIDUAL=residual is not None,
-            APPLY_RELU=relu, USE_INT64=_use_int64(y3, r3, o3), BLOCK_L=block_l, BLOCK_K=block_k,
+            ACT=int(act), USE_INT64=_use_int64(y3, r3, o3), BLOCK_L=block_l, BLOCK_K=block_k,
             num_warps=_NUM_WARPS,
         )
     return out
 
 
-def backward_reduce_launch(grad_out, out, y, mean, var, eps, relu, blocks=None, steps=None):
+def _gamma_beta(gamma, beta, fallback):
+    """The per-channel pointers of the optional γ, β (``fallback``, unread, where absent)."""
+    return (_per_channel(gamma) if gamma is not None else fallback,
+            _per_channel(beta) if beta is not None else fallback)
+
+
+def backward_reduce_launch(grad_out, out, y, mean, var, gamma, beta, eps, act, act_a, act_b, blocks=None,
+                           steps=None):
     _check_dtype(y)
+    check_code(act)
     n, k, h, w = y.shape
     sum_g = torch.zeros((k,), dtype=torch.float32, device=y.device)
     sum_gx = torch.zeros((k,), dtype=torch.float32, device=y.device)
@@ -369,13 +415,15 @@ def backward_reduce_launch(grad_out, out, y, mean, var, eps, relu, blocks=None, 
     steps = steps or min(_REDUCE_STEPS, triton.cdiv(length, block_l))
     splits = triton.cdiv(length, block_l * steps)
     g3, y3 = _nkl(grad_out), _nkl(y)
-    o3 = _nkl(out) if relu else g3
+    o3 = _nkl(out) if act == 1 else g3  # out is the ReLU mask only
+    var = _per_channel(var)
     partials = torch.empty((2, n * splits, k), dtype=torch.float32, device=y.device)
     with _device(y):
         _bn_act_bwd_reduce_kernel[(n * splits, triton.cdiv(k, block_k))](
-            g3, o3, y3, _per_channel(mean), _per_channel(var), partials[0], partials[1],
-            float(eps), k, length, splits, *g3.stride(), *o3.stride(), *y3.stride(),
-            APPLY_RELU=relu, USE_INT64=_use_int64(g3, o3, y3, partials), STEPS=steps,
+            g3, o3, y3, _per_channel(mean), var, *_gamma_beta(gamma, beta, var), partials[0], partials[1],
+            float(eps), float(act_a), float(act_b), k, length, splits, *g3.stride(), *o3.stride(), *y3.stride(),
+            HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT=int(act),
+            USE_INT64=_use_int64(g3, o3, y3, partials), STEPS=steps,
             BLOCK_L=block_l, BLOCK_K=block_k, num_warps=_NUM_WARPS,
         )
         _bn_partials_sum_kernel[(triton.cdiv(k, _SUM_BLOCK_K),)](
@@ -385,9 +433,10 @@ def backward_reduce_launch(grad_out, out, y, mean, var, eps, relu, blocks=None, 
     return sum_g, sum_gx
 
 
-def backward_apply_launch(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_xhat, count, training, relu,
-                          residual_grad, blocks=None):
+def backward_apply_launch(grad_out, out, y, mean, var, gamma, beta, eps, sum_g, sum_g_xhat, count, training, act,
+                          act_a, act_b, residual_grad, blocks=None):
     _check_dtype(y)
+    check_code(act)
     dy = empty_like_activation(y)
     d_res = empty_like_activation(y) if residual_grad else y.new_empty((0,))
     if y.numel() == 0:
@@ -396,17 +445,18 @@ def backward_apply_launch(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_
     length = h * w
     block_l, block_k = blocks or _blocks(k, length)
     g3, y3, d3 = _nkl(grad_out), _nkl(y), _nkl(dy)
-    o3 = _nkl(out) if relu else g3
+    o3 = _nkl(out) if act == 1 else g3  # out is the ReLU mask only
     r3 = _nkl(d_res) if residual_grad else d3
     var = _per_channel(var)
     lb = triton.cdiv(length, block_l)
     with _device(y):
         _bn_act_bwd_kernel[(n * lb, triton.cdiv(k, block_k))](
-            g3, o3, y3, _per_channel(mean), var, _per_channel(gamma) if gamma is not None else var,
+            g3, o3, y3, _per_channel(mean), var, *_gamma_beta(gamma, beta, var),
             _per_channel(sum_g), _per_channel(sum_g_xhat), d3, r3,
-            float(eps), float(count), k, length, lb,
+            float(eps), float(count), float(act_a), float(act_b), k, length, lb,
             *g3.stride(), *o3.stride(), *y3.stride(), *d3.stride(), *r3.stride(),
-            HAS_GAMMA=gamma is not None, TRAINING=training, APPLY_RELU=relu, RESIDUAL_GRAD=residual_grad,
+            HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, TRAINING=training, ACT=int(act),
+            RESIDUAL_GRAD=residual_grad,
             USE_INT64=_use_int64(g3, o3, y3, d3, r3), BLOCK_L=block_l, BLOCK_K=block_k, num_warps=_NUM_WARPS,
         )
     return dy, d_res
@@ -425,11 +475,13 @@ def bn_act_apply_triton(
     beta: torch.Tensor | None,
     eps: float,
     residual: torch.Tensor | None,
-    relu: bool,
+    act: int,
+    act_a: float,
+    act_b: float,
 ) -> torch.Tensor:
     """``reference.bn_act_apply``: ``act((y − mean)/√(var + eps)·γ + β [+ residual])`` in y's
-    dtype and memory format; γ/β None mean 1/0."""
-    return apply_launch(y, mean, var, gamma, beta, eps, residual, relu)
+    dtype and memory format; γ/β None mean 1/0; ``(act, act_a, act_b)``: ``Activation.args``."""
+    return apply_launch(y, mean, var, gamma, beta, eps, residual, act, act_a, act_b)
 
 
 bn_act_apply_triton.register_fake(fakes.bn_act_apply)
@@ -442,11 +494,15 @@ def bn_act_backward_reduce_triton(
     y: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
     eps: float,
-    relu: bool,
+    act: int,
+    act_a: float,
+    act_b: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.bn_act_backward_reduce``: ``(Σ g, Σ g·x̂)`` per channel, fp32 (K,)."""
-    return backward_reduce_launch(grad_out, out, y, mean, var, eps, relu)
+    return backward_reduce_launch(grad_out, out, y, mean, var, gamma, beta, eps, act, act_a, act_b)
 
 
 bn_act_backward_reduce_triton.register_fake(fakes.bn_act_backward_reduce)
@@ -460,18 +516,21 @@ def bn_act_backward_apply_triton(
     mean: torch.Tensor,
     var: torch.Tensor,
     gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
     eps: float,
     sum_g: torch.Tensor,
     sum_g_xhat: torch.Tensor,
     count: int,
     training: bool,
-    relu: bool,
+    act: int,
+    act_a: float,
+    act_b: float,
     residual_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.bn_act_backward_apply``: ``(dy, d_residual)`` in y's dtype and memory format;
     d_residual is an empty (0,) tensor unless ``residual_grad``."""
-    return backward_apply_launch(grad_out, out, y, mean, var, gamma, eps, sum_g, sum_g_xhat, count, training,
-                                 relu, residual_grad)
+    return backward_apply_launch(grad_out, out, y, mean, var, gamma, beta, eps, sum_g, sum_g_xhat, count, training,
+                                 act, act_a, act_b, residual_grad)
 
 
 bn_act_backward_apply_triton.register_fake(fakes.bn_act_backward_apply)

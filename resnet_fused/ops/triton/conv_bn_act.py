@@ -1,4 +1,4 @@
-"""Triton ``conv_bn_act``: convolution + eval-mode BatchNorm (+ residual) (+ ReLU) in one launch.
+"""Triton ``conv_bn_act``: convolution + eval-mode BatchNorm (+ residual) + activation in one launch.
 
 Implicit GEMM: rows are output pixels ``m = (n, p, q)`` (M = N·P·Q), columns are output
 channels ``k`` (K), and the reduction runs over ``(r, s, c)`` (R·S·C). The input is never
@@ -10,7 +10,8 @@ Grouped convolutions run in the same kernel, over (tiles of) groups too.
 Epilogue, per output channel k, in fp32 before the single store, from the live BatchNorm
 tensors (nothing is folded or cached outside the kernel, so nothing can go stale):
 ``scale_k = γ_k/√(σ²_k+ε)``, ``shift_k = β_k + (b_k − μ_k)·scale_k`` (b: the conv bias),
-``out = act(acc·scale_k + shift_k [+ residual])``.
+``out = act(acc·scale_k + shift_k [+ residual])``, ``act`` any ``activation.Kind``
+(``activation.act``, a constexpr branch: each kind compiles its own kernel).
 
 The kernel addresses every tensor through its strides, but the launcher hands it channels_last
 (NHWC) activations and a (K, R, S, C) weight: with the reduction dimension C contiguous the
@@ -30,7 +31,9 @@ import triton
 import triton.language as tl
 
 from .. import fakes
+from ..activation import check_code
 from ..shapes import empty_output, span
+from .activation import act
 from .implicit_gemm import group_tile, implicit_gemm_tile
 
 INT32_MAX = 2**31 - 1
@@ -154,6 +157,7 @@ def _conv_bn_act_fwd_kernel(
     res_ptr,  # residual (N, K, P, Q), any strides; read only when HAS_RESIDUAL
     out_ptr,  # output (N, K, P, Q), any strides; written once
     eps,  # BatchNorm epsilon (fp32)
+    act_a, act_b,  # fp32 activation parameters (activation.act)
     M,  # N·P·Q output pixels; an i64 argument when it passes 2**31
     N, C, H, W, K, P, Q,
     tile_c,  # input channels per group tile (implicit_gemm_tile); C when ungrouped
@@ -169,7 +173,7 @@ def _conv_bn_act_fwd_kernel(
     HAS_BN_WEIGHT: tl.constexpr,
     HAS_BN_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    APPLY_RELU: tl.constexpr,
+    ACT: tl.constexpr,  # activation.Kind
     GROUP_TILE: tl.constexpr,  # groups per program (implicit_gemm.group_tile)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; only consulted for fp32 operands
     USE_INT64: tl.constexpr,  # some tensor spans more than 2**31-1 elements
@@ -203,9 +207,7 @@ def _conv_bn_act_fwd_kernel(
         res_rows = n * sr_n + p * sr_p + q * sr_q
         residual = tl.load(res_ptr + res_rows[:, None] + offs_k[None, :] * sr_k, mask=mask_out, other=0.0)
         acc = acc + residual.to(tl.float32)
-    if APPLY_RELU:
-        # where(), not maximum(): a NaN must stay NaN, as it does in torch.relu.
-        acc = tl.where(acc < 0.0, 0.0, acc)
+    acc = act(acc, ACT, act_a, act_b)
     out_rows = n * so_n + p * so_p + q * so_q
     tl.store(
         out_ptr + out_rows[:, None] + offs_k[None, :] * so_k,
@@ -238,7 +240,9 @@ def conv_bn_act_triton(
     padding: list[int],
     dilation: list[int],
     groups: int,
-    relu: bool,
+    act: int,
+    act_a: float,
+    act_b: float,
     allow_tf32: bool,
 ) -> torch.Tensor:
     """``act(bn(conv(x, weight, groups) + bias) [+ residual])`` with eval-mode BatchNorm, one launch.
@@ -246,7 +250,7 @@ def conv_bn_act_triton(
     Arguments are assumed validated (functional.check_conv_bn_act).
     """
     return launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
-                  stride, padding, dilation, groups, relu, allow_tf32)
+                  stride, padding, dilation, groups, act, act_a, act_b, allow_tf32)
 
 
 def group_grid(c: int, k: int, groups: int) -> tuple[int, int, int]:
@@ -257,9 +261,11 @@ def group_grid(c: int, k: int, groups: int) -> tuple[int, int, int]:
 
 
 def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, residual,
-           stride, padding, dilation, groups, relu, allow_tf32, config: triton.Config | None = None) -> torch.Tensor:
+           stride, padding, dilation, groups, act, act_a, act_b, allow_tf32,
+           config: triton.Config | None = None) -> torch.Tensor:
     """The op's body. ``config`` bypasses the autotuner (tests run every config this way), as
     autotuning switched off does (``fixed_config``)."""
+    check_code(act)
     out = empty_output(x, weight, stride, padding, dilation)
     if out.numel() == 0:
         return out
@@ -277,7 +283,7 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
     tile_c, tile_k, tiles_per_group = group_grid(c, k, groups)
     args = (
         x_cl, weight_cl, *per_channel, running_mean.contiguous(), running_var.contiguous(), res_arg, out_cl,
-        float(eps), n * p * q, n, c, h, w, k, p, q, tile_c, tile_k,
+        float(eps), float(act_a), float(act_b), n * p * q, n, c, h, w, k, p, q, tile_c, tile_k,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x_cl.stride(), *weight_cl.stride(), *res_arg.stride(), *out_cl.stride(),
     )
@@ -288,7 +294,7 @@ def launch(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, 
         HAS_BN_WEIGHT=bn_weight is not None,
         HAS_BN_BIAS=bn_bias is not None,
         HAS_RESIDUAL=residual is not None,
-        APPLY_RELU=relu,
+        ACT=int(act),
         GROUP_TILE=tiles_per_group,
         INPUT_PRECISION="tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee",
         USE_INT64=use_int64,
