@@ -265,13 +265,26 @@ def verify(args: argparse.Namespace) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from .bench.verify import DTYPES, run_verify
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        return _fail(f"unknown --device {args.device!r}; use cpu or cuda (cuda:N)", "verify")
+    if device.type not in ("cpu", "cuda"):
+        return _fail(f"--device {device.type} is not supported; use cpu or cuda (cuda:N)", "verify")
     gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        return _fail("--device cuda, but PyTorch sees no CUDA device here", "verify")
+    if gpu and (device.index or 0) >= torch.cuda.device_count():
+        return _fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)", "verify")
     dtypes = args.dtype.split(",") if args.dtype else (["fp16", "bf16", "fp32"] if gpu else ["fp32", "bf16"])
     if unknown := [d for d in dtypes if d not in DTYPES]:
         return _fail(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}", "verify")
     if args.reps < 1:
         return _fail("--reps must be >= 1", "verify")
+    if args.batch is not None and args.batch < 1:
+        return _fail("--batch must be >= 1", "verify")
+    if args.size is not None and args.size < 1:
+        return _fail("--size must be >= 1", "verify")
     names = [n for item in args.backend for n in item.split(",")] if args.backend else None
     batch, size = args.batch or (8 if gpu else 2), args.size or (224 if gpu else 64)
 
@@ -306,9 +319,11 @@ def verify(args: argparse.Namespace) -> int:
         if csv_file is not None:
             csv_file.close()
     failed = [c for c in checks if not c.ok]
-    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" + (f"; {len(failed)} FAILED" if failed else ""))
-    if not checks:
-        return _fail(f"no fused backend runs on {device} here", "verify")
+    skipped = [c for c in checks if c.ok and c.skipped]
+    print(f"{len(checks) - len(failed) - len(skipped)} of {len(checks)} checks passed"
+          + (f"; {len(skipped)} skipped" if skipped else "") + (f"; {len(failed)} FAILED" if failed else ""))
+    if len(skipped) == len(checks):
+        return _fail(f"no fused backend runs on {device} here" if not checks else "every check was skipped", "verify")
     return 1 if failed else 0
 
 
