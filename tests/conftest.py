@@ -51,6 +51,7 @@ GPU_ORDER = (
     ("test_unit_matches_fp64", ""),  # training units, fp16/bf16
     ("test_converted_resnet_fp32", ""),
     ("test_every_config_runs_once", ""),  # autotuning is off in the run: each config once here
+    ("test_every_cutlass_tile_runs_and_matches", ""),  # each CUTLASS kernel once
     ("test_matches_reference", ""),  # fp32
     ("test_unit_fp32_ieee", ""),
 )

@@ -364,6 +364,28 @@ def test_cutlass_op_matches_reference(name, dtype, channels_last, with_residual,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile_n", [128, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_every_cutlass_tile_runs_and_matches(tile_n, dtype, cutlass_family):
+    """Each CUTLASS kernel of the build on this GPU: the test grid's shapes are too small to fill
+    a wave of 128x128 tiles on 132 SMs, so the plan gives them all N=64 (codegen/
+    test_cuda_dispatch.py's heuristic). A 1x1 conv to 256 channels (resnet50's layer1 conv3)
+    whose batch gives the 128x128 grid at least one wave takes the 128 kernel; 192 channels
+    (a multiple of 64, not of 128) the 64 one."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    k, hw = (256, 28) if tile_n == 128 else (192, 14)
+    batch = -(-sm_count * 128 // (k // 128 * hw * hw)) if tile_n == 128 else 2  # ceil: one wave of CTAs
+    x, weight, bn, residual, conv_args = make_case((batch, 64, hw, hw, k, 1, 1, 0, 1), dtype, True, True, 12, "cuda")
+    exact, unfused = exact_and_unfused(x, weight, bn, residual, conv_args, True)
+    plan = _cuda_plan(x, weight, conv_args)
+    dtype_name = "f16" if dtype == torch.float16 else "bf16"
+    assert plan["kernel"] is not None and plan["kernel"].startswith(f"{cutlass_family}_{dtype_name}_128x{tile_n}x"), plan
+    out, ran = _run_counted(x, weight, bn, residual, conv_args, True)
+    assert ran == [plan["kernel"]], (plan, ran)
+    assert_output_close(out, exact, unfused, dtype, True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16-groups2"])
 def test_cutlass_exact_path_cases(dtype):
     """fp32 and grouped convs go to cuDNN + epilogue, with the same answer as before."""
