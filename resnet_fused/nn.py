@@ -14,6 +14,7 @@ backend and a residual whose dtype would promote run the unfused modules.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -97,14 +98,51 @@ class FoldedFrozenBatchNorm2d(nn.Module):
 FOLDED = (FoldedBatchNorm2d, FoldedSyncBatchNorm, FoldedFrozenBatchNorm2d)  # the norms a FusedConv2d applies
 
 
-class FoldedReLU(nn.ReLU):
-    """A ReLU module the ``FusedConv2d`` before it applies; its forward passes the input
-    through. Still an ``nn.ReLU`` (same ``inplace``), so a forward that inspects the slot
+class _PassThrough:
+    """An activation module the ``FusedConv2d`` before it applies: its forward passes the input
+    through. Each folded class is a subclass of the stock one it replaces, with the same
+    attributes (``inplace``, bounds, slope), so a forward that inspects the slot
     (``if isinstance(self.act, nn.ReLU): x = self.act(x)``) takes the branch it took when
     convert traced it; an ``nn.Identity`` there sent it down the other branch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class FoldedReLU(_PassThrough, nn.ReLU):
+    pass
+
+
+class FoldedReLU6(_PassThrough, nn.ReLU6):
+    pass
+
+
+class FoldedHardtanh(_PassThrough, nn.Hardtanh):
+    pass
+
+
+class FoldedLeakyReLU(_PassThrough, nn.LeakyReLU):
+    pass
+
+
+class FoldedSiLU(_PassThrough, nn.SiLU):
+    pass
+
+
+class FoldedHardswish(_PassThrough, nn.Hardswish):
+    pass
+
+
+_FOLDED_ACTIVATIONS = {nn.ReLU: FoldedReLU, nn.ReLU6: FoldedReLU6, nn.Hardtanh: FoldedHardtanh,
+                       nn.LeakyReLU: FoldedLeakyReLU, nn.SiLU: FoldedSiLU, nn.Hardswish: FoldedHardswish}
+
+
+def folded_activation(module: nn.Module) -> nn.Module:
+    """The pass-through that takes the slot of ``module`` (a stock activation module whose
+    activation a fused conv now applies): its folded class, same attributes."""
+    folded = copy.deepcopy(module)
+    folded.__class__ = _FOLDED_ACTIVATIONS[type(module)]
+    return folded
 
 
 def timm_norm_act_types() -> dict[str, type]:
@@ -121,21 +159,21 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     return type(module) in (frozen_batch_norm_type(), timm_norm_act_types().get("FrozenBatchNormAct2d"))
 
 
-def norm_act_relu(module: nn.Module) -> bool | None:
+def norm_act_activation(module: nn.Module) -> Activation | None:
     """For one of timm's norm + activation modules (exact class) that a fused conv can stand in
-    for, whether its activation is a ReLU (True) or the identity (False); None for any other
-    module, and for one whose activation is something else, whose dropout is not the identity,
-    or whose parts have hooks. Its normalisation is its base class's (BatchNorm2d,
-    SyncBatchNorm, or FrozenBatchNorm2d's arithmetic); then ``act(drop(y))``."""
+    for, the activation it applies (IDENTITY when none); None for any other module, and for one
+    whose activation is not one a fused conv applies (``Activation.from_module``), whose dropout
+    is not the identity, or whose parts have hooks. Its normalisation is its base class's
+    (BatchNorm2d, SyncBatchNorm, or FrozenBatchNorm2d's arithmetic); then ``act(drop(y))``."""
     if type(module) not in timm_norm_act_types().values() or has_hooks(module):
         return None
     # SyncBatchNormAct gets drop and act from timm's convert_sync_batchnorm, and may lack them.
     drop, act = getattr(module, "drop", None), getattr(module, "act", None)
     if drop is not None and (type(drop) is not nn.Identity or has_hooks(drop)):
         return None
-    if act is not None and (type(act) not in (nn.Identity, nn.ReLU) or has_hooks(act)):
-        return None
-    return type(act) is nn.ReLU
+    if act is None:
+        return IDENTITY
+    return None if has_hooks(act) else Activation.from_module(act)
 
 
 def norm_features(bn: nn.Module) -> int:
@@ -303,19 +341,22 @@ def is_plain_batch_norm(module: nn.Module) -> bool:
 
 def is_fusible_norm(module: nn.Module) -> bool:
     """A plain BatchNorm, or one of timm's norm + activation modules whose activation a fused
-    conv applies (``norm_act_relu``)."""
-    return is_plain_batch_norm(module) or norm_act_relu(module) is not None
+    conv applies (``norm_act_activation``)."""
+    return is_plain_batch_norm(module) or norm_act_activation(module) is not None
 
 
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module, relu: bool, backend: str) -> tuple[FusedConv2d, nn.Module]:
-    """The pair of modules that replace ``conv`` and ``bn`` (a fusible norm) in their slots.
-    A timm norm + activation module's ReLU must be passed as ``relu``: its folded stand-in
-    keeps the state, not the activation."""
-    if norm_act_relu(bn) and not relu:
-        raise ValueError(f"{type(bn).__name__} applies a ReLU: fuse it with relu=True")
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module, relu: bool | None = None, backend: str = "auto", *,
+                 act: Activation | nn.Module | None = None) -> tuple[FusedConv2d, nn.Module]:
+    """The pair of modules that replace ``conv`` and ``bn`` (a fusible norm) in their slots; the
+    activation as in FusedConv2d. A timm norm + activation module's own activation must be the
+    one passed: its folded stand-in keeps the state, not the activation."""
+    activation = resolve(act, relu, "fuse_conv_bn")
+    own = norm_act_activation(bn)
+    if own not in (None, IDENTITY) and activation != own:
+        raise ValueError(f"{type(bn).__name__} applies {own}: fuse it with act={own}, not {activation}")
     folded = (FoldedSyncBatchNorm if isinstance(bn, nn.SyncBatchNorm)
               else FoldedFrozenBatchNorm2d if is_frozen_batch_norm(bn) else FoldedBatchNorm2d)(bn)
-    return FusedConv2d(conv, folded, relu, backend), folded
+    return FusedConv2d(conv, folded, backend=backend, act=activation), folded
 
 
 def _fuse_downsample(downsample: nn.Module | None, backend: str) -> nn.Module | None:

@@ -1,7 +1,7 @@
-"""The chain pass: a Conv2d → BatchNorm2d (→ ReLU) chain is fused when the trace of the parent's
-forward (torch.fx, through plain Sequentials, in eval *and* train mode) shows the data flowing
-that way in both: each module called once, the conv's output feeding only the BN and the BN's
-only the ReLU. Every conv the pass looks at and leaves alone gets the reason, which the report
+"""The chain pass: a Conv2d → BatchNorm2d (→ activation) chain is fused when the trace of the
+parent's forward (torch.fx, through plain Sequentials, in eval *and* train mode) shows the data
+flowing that way in both: each module called once, the conv's output feeding only the BN and the
+BN's only the activation (ReLU, ReLU6/Hardtanh, LeakyReLU, SiLU, Hardswish). Every conv the pass looks at and leaves alone gets the reason, which the report
 prints as it is.
 """
 
@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn import FoldedReLU, FusedConv2d, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv, norm_act_relu, norm_features
-from .tracing import Traces, is_noop, is_relu_node, leaves, single_user
+from ..nn import (FusedConv2d, folded_activation, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv,
+                  norm_act_activation, norm_features)
+from ..ops.activation import IDENTITY, RELU, Activation
+from .tracing import Traces, activation_of, is_noop, leaves, single_user
 
-# conv target → (bn target, relu follows, ReLU module used only here)
-Chain = tuple[str, bool, str | None]
+# conv target → (bn target, activation the fused conv applies, activation module used only here)
+Chain = tuple[str, Activation, str | None]
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -90,30 +92,33 @@ def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[
         if norm_features(parent.get_submodule(bn_node.target)) != parent.get_submodule(node.target).out_channels:
             why_not[node.target] = "its BatchNorm's channel count differs from the conv's out_channels"
             continue
-        if norm_act_relu(parent.get_submodule(bn_node.target)):
-            found[node.target] = (bn_node.target, True, None)  # the norm module applies the ReLU itself
+        own_act = norm_act_activation(parent.get_submodule(bn_node.target))
+        if own_act not in (None, IDENTITY):
+            found[node.target] = (bn_node.target, own_act, None)  # the norm module applies it itself
             continue
-        # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the ReLU:
-        # relu(noop(y)) == noop(relu(y)), so the ReLU still folds into the conv.
-        before, relu_node = bn_node, single_user(bn_node)
-        while relu_node is not None and called_once(relu_node, is_noop) and relu_node.args[0] is before:
-            before, relu_node = relu_node, single_user(relu_node)
-        relu = relu_node is not None and relu_node.args[:1] == (before,) and is_relu_node(relu_node, parent)
-        # A ReLU module used only here becomes redundant; a functional or shared ReLU stays,
-        # which is harmless because relu(relu(y)) == relu(y) -- unless it works in place: it
-        # would then overwrite the fused output that autograd keeps for the ReLU mask, so it
-        # is not folded and runs after the fused conv+BN as it ran after the BatchNorm.
-        own_relu = (
-            relu_node.target
-            if relu
-            and relu_node.op == "call_module"
-            and calls[relu_node.target] == 1
-            and id(parent.get_submodule(relu_node.target)) not in shared
+        # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the
+        # activation: act(noop(y)) == noop(act(y)), so the activation still folds into the conv.
+        before, act_node = bn_node, single_user(bn_node)
+        while act_node is not None and called_once(act_node, is_noop) and act_node.args[0] is before:
+            before, act_node = act_node, single_user(act_node)
+        act = activation_of(act_node, parent) if act_node is not None and act_node.args[:1] == (before,) else None
+        # An activation module used only here becomes a pass-through (folded_activation). A
+        # functional or shared ReLU stays, which is harmless because relu(relu(y)) == relu(y) --
+        # unless it works in place: it would then overwrite the fused output that autograd keeps
+        # for the ReLU mask, so it is not folded and runs after the fused conv+BN as it ran after
+        # the BatchNorm. Any other activation applied twice changes the answer: it folds only as
+        # a module of its own.
+        own = (
+            act_node.target
+            if act is not None
+            and act_node.op == "call_module"
+            and calls[act_node.target] == 1
+            and id(parent.get_submodule(act_node.target)) not in shared
             else None
         )
-        if relu and own_relu is None and _is_inplace_relu(relu_node, parent):
-            relu = False
-        found[node.target] = (bn_node.target, relu, own_relu)
+        if act is None or own is None and (act != RELU or _is_inplace_relu(act_node, parent)):
+            act = IDENTITY
+        found[node.target] = (bn_node.target, act, own if act != IDENTITY else None)
     return found, why_not
 
 
@@ -134,19 +139,22 @@ def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Trace
     # A conv that can never be fused keeps that reason; the others get what the trace of the
     # parent's current mode shows.
     why_not = {**(train_why if parent.training else eval_why), **why_not}
-    for conv_name, (bn_name, relu, own_relu) in eval_chains.items():
+    for conv_name, (bn_name, act, own_act) in eval_chains.items():
         other = train_chains.get(conv_name)
         if other is None or other[0] != bn_name:
             why_not.setdefault(conv_name, "its forward feeds it to a BatchNorm in one mode only (train or eval)")
             continue
         why_not.pop(conv_name, None)
-        relu = relu and other[1]
-        own_relu = own_relu if relu and own_relu == other[2] else None
-        fused_conv, folded_bn = fuse_conv_bn(parent.get_submodule(conv_name), parent.get_submodule(bn_name), relu, backend)
+        if (act, own_act) != other[1:]:
+            # The modes disagree: a ReLU both apply may still fold with its module left to run
+            # (idempotent); anything else runs unfused after the fused conv + BN.
+            act, own_act = (RELU, None) if act == other[1] == RELU else (IDENTITY, None)
+        fused_conv, folded_bn = fuse_conv_bn(parent.get_submodule(conv_name), parent.get_submodule(bn_name),
+                                             backend=backend, act=act)
         _set_submodule(parent, conv_name, fused_conv)
         _set_submodule(parent, bn_name, folded_bn)
-        if own_relu is not None:
-            _set_submodule(parent, own_relu, FoldedReLU(parent.get_submodule(own_relu).inplace))
+        if own_act is not None:
+            _set_submodule(parent, own_act, folded_activation(parent.get_submodule(own_act)))
     for conv_name in train_chains.keys() - eval_chains.keys():
         why_not.setdefault(conv_name, "its forward feeds it to a BatchNorm in one mode only (train or eval)")
     return why_not

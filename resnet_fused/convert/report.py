@@ -7,11 +7,13 @@ residual.py); this module counts and formats, it never re-derives a rule.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..nn import FOLDED, FusedConv2d, has_hooks, is_plain_batch_norm, norm_act_relu, timm_norm_act_types
+from ..nn import FOLDED, FusedConv2d, has_hooks, is_plain_batch_norm, norm_act_activation, timm_norm_act_types
+from ..ops.activation import Kind
 from .chains import is_norm
 
 
@@ -20,14 +22,18 @@ from .chains import is_norm
 class ConversionReport:
     backend: str
     convs_fused: int = 0  # conv + BatchNorm pairs now one op
-    relus_fused: int = 0  # ReLUs applied in a fused conv's epilogue (not counting residual ones)
+    # activation module class name → how many a fused conv's epilogue applies (not counting the
+    # ReLUs after residual adds)
+    activations_fused: Counter = field(default_factory=Counter)
     residuals_fused: int = 0  # add + ReLU pairs applied in a fused conv's epilogue
     unfused: list[tuple[str, str]] = field(default_factory=list)  # (module name, reason)
 
     def __str__(self) -> str:
+        kinds = ", ".join(f"{count} {name}" for name, count in sorted(self.activations_fused.items()))
         lines = [
             f"resnet_fused.convert (backend={self.backend!r}): {self.convs_fused} conv+BatchNorm fused, "
-            f"{self.relus_fused} ReLU fused, {self.residuals_fused} residual add+ReLU fused",
+            f"{sum(self.activations_fused.values())} activations fused{f' ({kinds})' if kinds else ''}, "
+            f"{self.residuals_fused} residual add+ReLU fused",
         ]
         if self.unfused:
             # One line per reason (a ResNet repeats its blocks), with a few of the places.
@@ -53,8 +59,8 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
             report.convs_fused += 1
             if module.residual_fused:
                 report.residuals_fused += 1
-            elif module.relu:
-                report.relus_fused += 1
+            elif module.act.kind != Kind.IDENTITY:
+                report.activations_fused[type(module.act.to_module()).__name__] += 1
         elif isinstance(module, nn.Conv2d):
             report.unfused.append((name, conv_reasons.get(name, "not called by any forward convert could trace")))
         elif is_norm(module) and not isinstance(module, FOLDED):
@@ -69,12 +75,13 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
 
 
 def _norm_act_reason(module: nn.Module) -> str:
-    """Why one of timm's norm + activation modules stays (nn.norm_act_relu's rules, spelled out)."""
+    """Why one of timm's norm + activation modules stays (nn.norm_act_activation's rules, spelled out)."""
     drop, act = getattr(module, "drop", None), getattr(module, "act", None)
     if has_hooks(module) or any(part is not None and has_hooks(part) for part in (drop, act)):
         return "has hooks (on itself, its drop or its act)"
     if drop is not None and type(drop) is not nn.Identity:
         return f"applies {type(drop).__name__} before its activation"
-    if norm_act_relu(module) is None:
-        return f"applies {type(act).__name__} (a fused conv applies ReLU or nothing)"
+    if norm_act_activation(module) is None:
+        return (f"applies {type(act).__name__} (a fused conv applies nn.ReLU, ReLU6, Hardtanh, LeakyReLU, SiLU, "
+                "Hardswish or nothing)")
     return "no conv feeds it directly"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn import has_hooks
+from ..ops.activation import IDENTITY, RELU, Activation
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
 
@@ -75,6 +76,16 @@ def is_relu_node(node: fx.Node, block: nn.Module) -> bool:
         return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
     return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
 
+
+def activation_of(node: fx.Node, block: nn.Module) -> Activation | None:
+    """The activation a node applies to its one input, if a fused conv can apply it: a stock
+    activation module (``Activation.from_module``), or a ReLU in any form; None otherwise,
+    the identity included (``is_noop`` covers it)."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        module = block.get_submodule(node.target)
+        found = None if has_hooks(module) else Activation.from_module(module)
+        return found if found != IDENTITY else None
+    return RELU if is_relu_node(node, block) else None
 
 
 def single_user(node: fx.Node) -> fx.Node | None:

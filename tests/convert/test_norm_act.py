@@ -1,6 +1,6 @@
 """timm's BatchNorm + activation modules (BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d),
-recognised by exact class: fused when their dropout is the identity and their activation ReLU or
-the identity (the activation then rides in the fused conv), left alone with the report's reason
+recognised by exact class: fused when their dropout is the identity and their activation one a
+fused conv applies (the activation then rides in it), left alone with the report's reason
 otherwise. Eval output, a training step against float64, state_dict, and the report."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _net(norm: type, act: type | None = nn.ReLU, **kwargs) -> nn.Module:
 def test_relu_and_identity_activations_fuse_and_match_in_eval(norm, backend):
     model = _net(norm).eval()
     converted, report = resnet_fused.convert(model, backend=backend, report=True)
-    assert report.unfused == [] and report.convs_fused == 2 and report.relus_fused == 1
+    assert report.unfused == [] and report.convs_fused == 2 and report.activations_fused == {"ReLU": 1}
     assert [converted[i].conv.relu for i in (0, 1)] == [True, False]
     folded = FoldedFrozenBatchNorm2d if norm is FrozenBatchNormAct2d else FoldedBatchNorm2d
     assert all(type(converted[i].bn) is folded for i in (0, 1))
@@ -78,13 +78,14 @@ def test_a_training_step_matches_the_original_against_float64(norm):
 
 
 def test_other_activations_and_dropout_stay_with_the_reason():
-    model = nn.Sequential(ConvNormAct(3, 8, 1, BatchNormAct2d(8, act_layer=nn.SiLU)),
+    model = nn.Sequential(ConvNormAct(3, 8, 1, BatchNormAct2d(8, act_layer=nn.GELU)),
                           ConvNormAct(8, 8, 1, BatchNormAct2d(8, drop_layer=nn.Dropout)))
     model = randomize_batch_norms(model, torch.Generator().manual_seed(4)).eval()
     converted, report = resnet_fused.convert(model, backend="reference", report=True)
     assert report.convs_fused == 0
     reasons = dict(report.unfused)
-    assert reasons["0.bn"] == "BatchNormAct2d applies SiLU (a fused conv applies ReLU or nothing)"
+    assert reasons["0.bn"] == ("BatchNormAct2d applies GELU (a fused conv applies nn.ReLU, ReLU6, Hardtanh, "
+                               "LeakyReLU, SiLU, Hardswish or nothing)")
     assert reasons["1.bn"] == "BatchNormAct2d applies Dropout before its activation"
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():

@@ -336,7 +336,7 @@ def test_report_names_what_stays_and_why():
     assert "something between the conv and the add may write in place: add + ReLU stay: conv2.0" in str(report)
 
     _, report = resnet_fused.convert(textbook_resnet(), backend="cpu", report=True)
-    assert (report.convs_fused, report.relus_fused, report.residuals_fused, report.unfused) == (9, 4, 3, [])
+    assert (report.convs_fused, report.activations_fused, report.residuals_fused, report.unfused) == (9, {"ReLU": 4}, 3, [])
     assert "nothing left unfused" in str(report)
 
     class SubclassedBatchNorm2d(nn.BatchNorm2d):
