@@ -166,7 +166,7 @@ def _layer_table(layers):
 
     variants = list(layers[0].times)
     table = Table(title="per layer: ms per call; floor = max(FLOP / peak FLOP/s, bytes / peak bytes/s)")
-    for column in ("layer", "n", "input -> weight", "GFLOP", "MB", "floor", *variants, "fused/floor"):
+    for column in ("layer", "n", "input -> weight", "GFLOP", "MB", "floor", *variants, "fused/floor", "auto runs"):
         table.add_column(column, justify="left" if column in ("layer", "input -> weight") else "right")
     for layer in layers:
         fused = next((t for name, t in layer.times.items() if name.startswith("fused")), None)
@@ -176,6 +176,7 @@ def _layer_table(layers):
             layer.name, str(layer.count), shape, f"{layer.flops / 1e9:.2f}", f"{layer.min_bytes / 1e6:.1f}",
             f"{layer.floor_s * 1e3:.3f}", *(f"{layer.times[v] * 1e3:.3f}" for v in variants),
             _fmt(None if fused is None else fused / layer.floor_s, ".1f"),
+            "unfused" if layer.auto == "reference" else str(layer.auto),
         )
     return table
 

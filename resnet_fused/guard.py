@@ -53,23 +53,37 @@ def reset() -> None:
     _rejected.clear()
 
 
+_ATOMS = frozenset((int, bool, str, type(None)))  # described as themselves, the common case first
+
+
 @functools.cache
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+def _capability(device_index: int) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device_index) if device_index >= 0 else None
 
 
 def _describe(value):
     """A tensor by shape, dtype, strides, 16-byte alignment and device (what kernels specialize
     on); a float by its kind only (eps, momentum and momentum=None's 1/step change no code, and
-    1/step would make a new key every step); anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.dtype, value.stride(), value.data_ptr() % 16 == 0, value.device,
-                _capability(value.device))
-    if isinstance(value, float):
+    1/step would make a new key every step); anything else as it is. Paid on every guarded call,
+    so kept to cheap attribute reads (torch.Size hashes as it is; ``get_device()`` is an int, -1
+    on the CPU; a CUDA device's capability is added once per key, by ``_key``)."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is float:
         return float
+    if isinstance(value, torch.Tensor):
+        return value.shape, value.dtype, value.stride(), value.data_ptr() % 16 == 0, value.get_device()
     if isinstance(value, (list, tuple)):
         return tuple(_describe(v) for v in value)
-    return value
+    return float if isinstance(value, float) else value
+
+
+def _key(kernel: str, backend: str, args: tuple) -> tuple:
+    """The kind of call: kernel, backend, the arguments described, and the compute capability of
+    the first tensor's device (the GPU model a kernel was checked on)."""
+    device = next((a.get_device() for a in args if isinstance(a, torch.Tensor)), -1)
+    return kernel, backend, _describe(args), _capability(device)
 
 
 def _outputs(result) -> list:
@@ -136,7 +150,7 @@ def guarded(kernel: str, backend: str, verify_by_default: bool, fused: Callable,
         policy = mode(verify_by_default)
         if policy == "off":
             return fused(*args)
-        key = (kernel, backend, _describe(args))
+        key = _key(kernel, backend, args)
         verdict = _verdicts.get(key)
         if verdict is False:
             return reference(*args)

@@ -20,10 +20,11 @@ import sys
 import torch
 from torch import fx, nn
 
-from . import backends, functional
+from . import backends, functional, tuning
 from .ops import reference
 from .ops.activation import IDENTITY, RELU, Activation, Kind, resolve
 from .ops.shapes import output_size
+from .sync_batch_norm import sync_group_size
 
 
 def _share_state(folded: nn.Module, bn: nn.Module) -> None:
@@ -240,7 +241,6 @@ class FusedConv2d(nn.Conv2d):
         if isinstance(x, fx.Proxy) or isinstance(residual, fx.Proxy):
             return self._record(x, residual)
         bn = self.folded_bn
-        backend = backends.resolve(self.backend, x.device)
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):
             # What autocast does to the unfused conv: inputs cast to its dtype; the BatchNorm
@@ -250,6 +250,7 @@ class FusedConv2d(nn.Conv2d):
             bias = _autocast(bias, dtype) if bias is not None else None
         if isinstance(residual, torch.Tensor) and self.residual_in_place and residual.dtype != x.dtype != torch.float64:
             residual = residual.to(x.dtype)  # an in-place add does not promote
+        backend = backends.resolve(self.backend, x.device)  # raises where a named backend cannot run
         if backends.get(backend).is_reference or not self._fusable(x, weight, residual):
             return reference.conv_bn_act_modules(x, self, bn, residual, self.act, self.residual_in_place)
         if isinstance(bn, FoldedFrozenBatchNorm2d):
@@ -264,12 +265,51 @@ class FusedConv2d(nn.Conv2d):
         per_channel = {"bias": bias, "bn_weight": bn.weight, "bn_bias": bn.bias,
                        "running_mean": bn.running_mean, "running_var": bn.running_var}
         functional.check_conv_bn_act(x, weight, per_channel, bn.eps, residual, stride, padding, dilation, self.groups)
+        if self._tunes():
+            backend = self.measured_backend(x, weight, residual)
+            if backends.get(backend).is_reference:  # the unfused ops measured faster here
+                return reference.conv_bn_act_modules(x, self, bn, residual, self.act, self.residual_in_place)
         return functional.run_unit(
             x, weight, bn.running_mean, bn.running_var, training, momentum, bn.eps, bias, bn.weight, bn.bias,
             tracked, track, residual, stride,
             padding, dilation, self.groups, self.act, backend, isinstance(bn, FoldedSyncBatchNorm),
             getattr(bn, "process_group", None),
         )
+
+    def _tunes(self) -> bool:
+        """Whether this call's backend is measured (tuning.py): "auto", eager, and not a
+        SyncBatchNorm training unit across processes (ranks could time different winners)."""
+        if self.backend != "auto" or torch.compiler.is_compiling() or not tuning.enabled():
+            return False
+        bn = self.folded_bn
+        return not (isinstance(bn, FoldedSyncBatchNorm) and bn.training and sync_group_size(bn.process_group) > 1)
+
+    def measured_backend(self, x: torch.Tensor, weight: torch.Tensor, residual=None) -> str:
+        """The backend ``backend="auto"`` runs a call on ``x`` with (autocast-cast) ``weight`` and
+        ``residual`` with: the unit's recorded choice, or the fastest candidate, timed now
+        (tuning.py). ``resnet-fused bench --per-layer`` shows it per unit."""
+        frozen = isinstance(self.folded_bn, FoldedFrozenBatchNorm2d)
+        recording = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, self.bias, self.folded_bn.weight,
+                                                        self.folded_bn.bias, residual))
+        mode = ("train" if self.folded_bn.training and not frozen else "eval") + ("+grad" if recording else "")
+        key = tuning.unit_key(x, weight, residual, self.stride, self.padding, self.dilation, self.groups,
+                              self.act.kind.name, mode)
+        return tuning.choose(key, x.device, lambda name: self._trial(name, x, residual, recording))
+
+    def _trial(self, backend: str, x: torch.Tensor, residual, recording: bool) -> None:
+        """One call of this unit on ``backend`` as the model would make it, on copies: the
+        module (its BatchNorm's running statistics and parameters) and the inputs, so nothing
+        the model holds changes; with a backward when the call records autograd."""
+        unit = copy.deepcopy(self)
+        unit.backend = backend
+        x = x.detach().requires_grad_(x.requires_grad)
+        residual = residual.detach().requires_grad_(residual.requires_grad) if isinstance(residual, torch.Tensor) \
+            else residual
+        with torch.enable_grad() if recording else torch.no_grad():
+            out = unit(x, residual)
+            if recording:
+                out.backward(torch.ones_like(out))
 
     def _record(self, x, residual) -> fx.Proxy:
         """While torch.fx traces a model: this call as one ``call_module`` node, as a tracer

@@ -12,7 +12,7 @@ from torch import nn
 import resnet_fused
 from helpers import randomize_batch_norms
 from resnet_fused import _extension, backends, functional
-from resnet_fused.bench.timing import fused_backends_for
+from resnet_fused.tuning import fused_candidates
 from resnet_fused.ops import reference
 
 
@@ -69,8 +69,8 @@ def test_one_record_adds_a_backend_to_convert_functional_training_and_bench(coun
     model.train(), converted.train()
     torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
     assert "kernels" in counting
-    assert "counting" in fused_backends_for(torch.device("cpu"))
-    assert "counting" not in fused_backends_for(torch.device("meta"))
+    assert "counting" in fused_candidates(torch.device("cpu"))
+    assert "counting" not in fused_candidates(torch.device("meta"))
 
 
 def test_a_reference_record_runs_the_unfused_modules(monkeypatch):

@@ -31,8 +31,9 @@ from torch import nn
 
 from .. import functional
 from ..convert import convert
-from ..nn import FusedConv2d
-from .timing import Peaks, Progress, fused_backends_for, synchronize
+from ..nn import FusedConv2d, fuse_conv_bn
+from ..tuning import fused_candidates
+from .timing import Peaks, Progress, synchronize
 
 
 @dataclass
@@ -51,6 +52,7 @@ class LayerResult:
     min_bytes: float
     floor_s: float
     times: dict[str, float] = field(default_factory=dict)  # variant -> median seconds per call
+    auto: str | None = None  # what backend="auto" measures fastest for this unit (tuning.py)
     max_abs_diff: float | None = None  # fused vs unfused (inference)
 
 
@@ -124,13 +126,14 @@ def bench_layers(
     """Time every distinct fused conv unit of ``model`` (see the module docstring)."""
     train = mode == "train"
     layers = layer_shapes(model, batch, size)
-    chosen = backends if backends is not None else fused_backends_for(device)
+    chosen = backends if backends is not None else fused_candidates(device)
     for i, layer in enumerate(layers):
         if progress:
             progress(i, len(layers), f"per layer: {layer.name} {'x'.join(map(str, layer.input))}")
         count(layer, torch.empty((), dtype=dtype).element_size(), train, peaks)
         variants, check = _variants(layer, device, dtype, channels_last, train, chosen)
         layer.times = _time_interleaved(variants, device, rounds)
+        layer.auto = _auto_choice(layer, device, dtype, channels_last, train)
         if check is not None:
             layer.max_abs_diff = check()
     if progress:
@@ -189,6 +192,21 @@ def _variants(layer: LayerResult, device, dtype, channels_last: bool, train: boo
     variants["unfused"] = lambda: unfused_forward(xg, wg, True).backward(grad)
     variants["conv alone"] = lambda: F.conv2d(xg, wg, **conv).backward(grad)
     return variants, None
+
+
+def _auto_choice(layer: LayerResult, device, dtype, channels_last: bool, train: bool) -> str:
+    """The backend ``convert(model)``'s default, "auto", runs this unit with: a FusedConv2d of
+    its shape asked for its measured choice (timed now, or the one RESNET_FUSED_TUNE_CACHE
+    holds)."""
+    conv = nn.Conv2d(layer.input[1], layer.weight[0], layer.weight[2:], layer.stride, layer.padding, layer.dilation,
+                     layer.groups, bias=False, device=device, dtype=dtype)
+    bn = nn.BatchNorm2d(layer.weight[0], device=device).train(train)
+    fused, _ = fuse_conv_bn(conv.train(train), bn, relu=layer.relu, backend="auto")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(layer.input, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(train)
+    residual = torch.randn(_output_shape(layer), device=device, dtype=dtype) if layer.residual else None
+    with torch.set_grad_enabled(train):
+        return fused.measured_backend(x, fused.weight, residual)
 
 
 def _no_grad(variants: dict[str, Callable[[], object]]) -> dict[str, Callable[[], object]]:

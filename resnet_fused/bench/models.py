@@ -42,7 +42,8 @@ from torch import nn
 
 from .. import backends as backend_registry
 from .. import convert
-from .timing import Peaks, Progress, fused_backends_for, measure_peaks, spread, synchronize, tf32_matmuls, time_rounds
+from ..tuning import fused_candidates
+from .timing import Peaks, Progress, measure_peaks, spread, synchronize, tf32_matmuls, time_rounds
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TORCHVISION_FAMILIES = ("resnet", "resnext", "wide_resnet")
@@ -150,7 +151,7 @@ def check_request(device: torch.device, dtype_name: str, mode: str, batch: int, 
             raise BenchError(f"--dtype {dtype_name}: this CPU has no native {dtype_name} support in oneDNN")
     elif dtype_name == "bf16" and not torch.cuda.is_bf16_supported():
         raise BenchError("--dtype bf16: this GPU does not support bfloat16")
-    here = fused_backends_for(device)
+    here = fused_candidates(device)
     for b in backends or []:
         if b not in backend_registry.FUSED_BACKENDS:
             raise BenchError(f"unknown backend {b!r}; fused backends are {', '.join(backend_registry.FUSED_BACKENDS)}")
@@ -280,8 +281,12 @@ def bench_model(
         compile_name = "torch.compile" + (f" {compile_mode}" if compile_mode else "") + (
             " +freezing" if not gpu and not train else "")
         models[compile_name] = (torch.compile(copy.deepcopy(layout_model), mode=compile_mode), x_fmt, amp_dtype if train else None)
-    for b in backends if backends is not None else fused_backends_for(device):
+    for b in backends if backends is not None else fused_candidates(device):
         models[f"fused: {b}"] = (convert(layout_model, backend=b), x_fmt, amp_dtype if train else None)
+    if backends is None and fused_candidates(device):
+        # convert's default: per unit the fastest of the fused backends and the unfused ops,
+        # measured on its first call (a warm-up call here; tuning.py).
+        models["fused: auto"] = (convert(layout_model, backend="auto"), x_fmt, amp_dtype if train else None)
     if frozen_model is not None:
         name = "frozen" if frozen_model.packed else "frozen (fallback: unfrozen cpu)"
         if not frozen_model.packed:

@@ -1,5 +1,5 @@
 """Timing primitives shared by the model and per-layer benches: interleaved rounds, the
-device's measured peaks, and which fused backends a device runs."""
+device's measured peaks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import backends
 
 Progress = Callable[[int, int, str], None]  # (done, total, what is running now)
 
@@ -22,13 +21,6 @@ class Peaks:
     bytes: float  # bytes/s of a large copy (read + write)
     matmul_n: int
     copy_mb: float
-
-
-def fused_backends_for(device: torch.device) -> list[str]:
-    """Fused backends that run on ``device`` (interpreted Triton is a test tool, not a path)."""
-    if device.type == "cpu":  # interpreted Triton runs CPU tensors, but only as a test tool
-        return [b for b in backends.FUSED_BACKENDS if b != "triton" and backends.get(b).runs_on(device)]
-    return [b for b in backends.FUSED_BACKENDS if backends.get(b).runs_on(device)]
 
 
 def measure_peaks(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> Peaks:

@@ -18,7 +18,8 @@ import torch
 from .. import backends, functional, guard
 from ..ops import reference
 from ..ops.shapes import output_size
-from .timing import fused_backends_for, synchronize
+from ..tuning import fused_candidates
+from .timing import synchronize
 from .zoo import MIN_BN_VALUES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,7 +116,7 @@ def _float64(t):
 
 def run_verify(device: torch.device, dtypes: list[str], backend_names: list[str] | None, batch: int, size: int,
                channels_last: bool = True, reps: int = 3, progress=None) -> list[Check]:
-    chosen = backend_names if backend_names is not None else fused_backends_for(device)
+    chosen = backend_names if backend_names is not None else fused_candidates(device)
     for name in chosen:
         if not backends.get(name).runs_on(device):
             raise ValueError(f"backend {name!r} cannot run on {device}: {backends.REGISTRY[name].why_not}")

@@ -114,7 +114,7 @@ def test_tiny_run_writes_csv_and_json(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expected = ["eager", "eager channels_last"]
     if "cpu" in available_backends():
-        expected.append("fused: cpu")
+        expected += ["fused: cpu", "fused: auto"]
     expected.append("frozen")
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -137,11 +137,12 @@ def test_tiny_run_writes_csv_and_json(tmp_path, capsys):
     assert sum(layer["count"] for layer in layers) == 20
     assert all(layer["floor_s"] > 0 and layer["flops"] > 0 and layer["min_bytes"] > 0 for layer in layers)
     assert {"unfused", "conv alone"} <= set(layers[0]["times"])
+    assert all(layer["auto"] in ("cpu", "reference") for layer in layers)  # what backend="auto" runs per unit
 
     with open(tmp_path / "r-layers.csv") as f:
         layer_rows = list(csv.DictReader(f))
     assert len(layer_rows) == 15 and "floor ms" in layer_rows[0] and "unfused ms" in layer_rows[0]
-    assert "per layer" in out and "GMAC per image" in out
+    assert "per layer" in out and "GMAC per image" in out and "auto runs" in out
 
 
 def test_tiny_training_run(capsys):
