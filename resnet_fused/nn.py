@@ -266,7 +266,7 @@ class FusedConv2d(nn.Conv2d):
                        "running_mean": bn.running_mean, "running_var": bn.running_var}
         functional.check_conv_bn_act(x, weight, per_channel, bn.eps, residual, stride, padding, dilation, self.groups)
         if self._tunes():
-            backend = self.measured_backend(x, weight, residual)
+            backend = self.measured_backend(x, weight, residual, backend)
             if backends.get(backend).is_reference:  # the unfused ops measured faster here
                 return reference.conv_bn_act_modules(x, self, bn, residual, self.act, self.residual_in_place)
         return functional.run_unit(
@@ -284,32 +284,48 @@ class FusedConv2d(nn.Conv2d):
         bn = self.folded_bn
         return not (isinstance(bn, FoldedSyncBatchNorm) and bn.training and sync_group_size(bn.process_group) > 1)
 
-    def measured_backend(self, x: torch.Tensor, weight: torch.Tensor, residual=None) -> str:
+    def measured_backend(self, x: torch.Tensor, weight: torch.Tensor, residual=None, fallback: str | None = None) -> str:
         """The backend ``backend="auto"`` runs a call on ``x`` with (autocast-cast) ``weight`` and
         ``residual`` with: the unit's recorded choice, or the fastest candidate, timed now
-        (tuning.py). ``resnet-fused bench --per-layer`` shows it per unit."""
+        (tuning.py); ``fallback`` (default: the device rule) where no candidate could run it.
+        ``resnet-fused bench --per-layer`` shows it per unit."""
         frozen = isinstance(self.folded_bn, FoldedFrozenBatchNorm2d)
         recording = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, self.bias, self.folded_bn.weight,
                                                         self.folded_bn.bias, residual))
         mode = ("train" if self.folded_bn.training and not frozen else "eval") + ("+grad" if recording else "")
+        if isinstance(self.folded_bn, FoldedSyncBatchNorm) and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            mode += "+sync"  # a process group's statistics: other code (torch's own refuses CPU tensors)
         key = tuning.unit_key(x, weight, residual, self.stride, self.padding, self.dilation, self.groups,
                               self.act.kind.name, mode)
-        return tuning.choose(key, x.device, lambda name: self._trial(name, x, residual, recording))
+        fallback = fallback or backends.resolve("auto", x.device)
+        return tuning.choose(key, x.device, lambda name: self._trial(name, x, residual, recording), fallback)
 
     def _trial(self, backend: str, x: torch.Tensor, residual, recording: bool) -> None:
-        """One call of this unit on ``backend`` as the model would make it, on copies: the
-        module (its BatchNorm's running statistics and parameters) and the inputs, so nothing
-        the model holds changes; with a backward when the call records autograd."""
-        unit = copy.deepcopy(self)
+        """One call of this unit on ``backend`` as the model would make it, changing nothing the
+        model holds or the caller sees: the running statistics live in clones (a shallow copy
+        of the module and of its folded BatchNorm; the parameters are shared, never copied, as
+        they may be non-leaf tensors of ``torch.func.functional_call`` or sit beside a process
+        group); the backward is ``torch.autograd.grad`` (no ``.grad`` accumulates); ``forward``,
+        not ``__call__``, so no module hook fires; and the tensors autograd saves bypass the
+        caller's saved-tensor hooks (non-reentrant checkpointing counts them)."""
+        unit = copy.copy(self)
         unit.backend = backend
+        bn = copy.copy(self.folded_bn)
+        object.__setattr__(bn, "_buffers", {name: None if b is None else b.clone()
+                                            for name, b in self.folded_bn._buffers.items()})
+        object.__setattr__(unit, "folded_bn", bn)
         x = x.detach().requires_grad_(x.requires_grad)
-        residual = residual.detach().requires_grad_(residual.requires_grad) if isinstance(residual, torch.Tensor) \
-            else residual
-        with torch.enable_grad() if recording else torch.no_grad():
-            out = unit(x, residual)
+        if isinstance(residual, torch.Tensor):
+            residual = residual.detach().requires_grad_(residual.requires_grad)
+        with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged), \
+                torch.enable_grad() if recording else torch.no_grad():
+            out = unit.forward(x, residual)
             if recording:
-                out.backward(torch.ones_like(out))
+                wrt = [t for t in (x, unit.weight, unit.bias, bn.weight, bn.bias, residual)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+                torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
 
     def _record(self, x, residual) -> fx.Proxy:
         """While torch.fx traces a model: this call as one ``call_module`` node, as a tracer
@@ -345,6 +361,10 @@ class FusedConv2d(nn.Conv2d):
         p, q = (output_size(size, k, s, pad, d) for size, k, s, pad, d in
                 zip(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation))
         return residual.dtype == x.dtype and residual.shape == (x.shape[0], self.out_channels, p, q)
+
+
+def _unchanged(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

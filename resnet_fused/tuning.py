@@ -20,9 +20,11 @@ there would break the graph, or let ranks run different collectives).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -81,15 +83,24 @@ def unit_key(x: torch.Tensor, weight: torch.Tensor, residual, stride, padding, d
                        residual is not None, act_kind, mode])
 
 
-def choose(key: str, device: torch.device, trial: Callable[[str], None]) -> str:
+def choose(key: str, device: torch.device, trial: Callable[[str], None], fallback: str) -> str:
     """The backend for unit ``key``: the cached choice, or the fastest candidate by ``trial``
-    (one call of the unit on that backend, on copies), timed now and remembered."""
+    (one call of the unit on that backend, on copies), timed now and remembered. A candidate
+    whose trial raises is no candidate; when none runs, ``fallback``, unremembered (the call
+    itself then raises as it would have, with its own message)."""
     _load()
     options = candidates(device)
     chosen = _choices.get(key)
     if chosen in options:
         return chosen
-    times = {name: _median_time(trial, name, device) for name in options}
+    times = {}
+    for name in options:
+        try:
+            times[name] = _median_time(trial, name, device)
+        except Exception:  # noqa: BLE001  (whatever stops a candidate here stops it for this unit)
+            continue
+    if not times:
+        return fallback
     chosen = min(times, key=times.get)
     _choices[key] = chosen
     _save()
@@ -126,13 +137,7 @@ def _load() -> None:
         return
     _loaded_from = path
     try:
-        with open(path) as file:
-            stored = json.load(file)
-        if not isinstance(stored, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in stored.items()):
-            raise ValueError("not an object of unit keys to backend names")
-    except FileNotFoundError:
-        return
+        stored = _read(path)
     except (OSError, ValueError) as error:
         warnings.warn(f"resnet_fused: RESNET_FUSED_TUNE_CACHE={path!r} cannot be used ({error}); "
                       "the units are measured again and the file rewritten", stacklevel=4)
@@ -141,16 +146,39 @@ def _load() -> None:
         _choices.setdefault(key, name)
 
 
+def _others(path: str) -> dict[str, str]:
+    """What the file holds now: another process may have added units since this one read it
+    (a file that is not ours is replaced)."""
+    try:
+        return _read(path)
+    except (OSError, ValueError):
+        return {}
+
+
+def _read(path: str) -> dict[str, str]:
+    """The choices in the cache file ({} if there is none); ValueError for one that is not ours."""
+    try:
+        with open(path) as file:
+            stored = json.load(file)
+    except FileNotFoundError:
+        return {}
+    if not isinstance(stored, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in stored.items()):
+        raise ValueError("not an object of unit keys to backend names")
+    return stored
+
+
 def _save() -> None:
     """Write every choice to the cache file (via a temporary file and a rename: a reader never
     sees half a file); a failure to write is a warning, never lost work."""
     path = _cache_path()
     if path is None:
         return
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(temporary, "w") as file:
-            json.dump(_choices, file, indent=0, sort_keys=True)
+            json.dump({**_others(path), **_choices}, file, indent=0, sort_keys=True)
         os.replace(temporary, path)
     except OSError as error:
         warnings.warn(f"resnet_fused: cannot write RESNET_FUSED_TUNE_CACHE={path!r} ({error})", stacklevel=4)
+        with contextlib.suppress(OSError):
+            os.remove(temporary)

@@ -145,3 +145,50 @@ def test_a_named_backend_is_never_measured(monkeypatch):
     with torch.no_grad():
         converted(_x())
     assert tuning.choices() == {}
+
+
+def test_the_trials_call_no_hook_and_keep_checkpointing_working():
+    """Trials run the module's forward, not its __call__: a hook added after convert fires once
+    per call; and their saved tensors bypass the caller's saved-tensor hooks, which
+    non-reentrant checkpointing uses to match the recomputation with the forward."""
+    model = _model().train()
+    converted = resnet_fused.convert(copy.deepcopy(model))
+    calls = []
+    converted[0].register_forward_hook(lambda *_: calls.append("forward"))
+    converted[0].register_full_backward_hook(lambda *_: calls.append("backward"))
+    x = _x().requires_grad_()
+    out = torch.utils.checkpoint.checkpoint(converted, x, use_reentrant=False)
+    assert calls == ["forward"]
+    out.square().sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    model(expected).square().sum().backward()
+    assert max_rel_error(x.grad, expected.grad) < 1e-4
+    assert len(tuning.choices()) == 2
+
+
+def test_non_leaf_parameters_and_a_failing_candidate(monkeypatch):
+    """torch.func.functional_call hands the module non-leaf parameters, which cannot be deep-
+    copied: the trials share them. A candidate whose trial raises is dropped."""
+    model = _model().eval()
+    converted = resnet_fused.convert(copy.deepcopy(model))
+    record = backends.REGISTRY["cpu"]
+
+    def broken(*args):
+        raise RuntimeError("this kernel cannot run here")
+
+    monkeypatch.setitem(backends.REGISTRY, "cpu", backends.Backend(
+        "cpu", record.runs_on, record.why_not, broken, record.kernels))
+    params = {name: p * 1.0 for name, p in converted.named_parameters()}
+    with torch.no_grad():
+        out = torch.func.functional_call(converted, params, (_x(),))
+        assert max_rel_error(out, model(_x())) < 1e-5
+    assert set(tuning.choices().values()) == {"reference"}
+
+
+def test_when_no_candidate_runs_the_call_raises_its_own_error():
+    """One value per channel in training: every candidate refuses, nothing is remembered, and
+    the call raises torch's own message."""
+    converted = resnet_fused.convert(_model()).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        converted(torch.randn(1, 3, 1, 1))
+    assert tuning.choices() == {}
