@@ -328,7 +328,7 @@ def verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-ZOO_FIELDS = ["model", "equal_eval", "rel_error", "size", "equal_second_size", "rel_error_second",
+ZOO_FIELDS = ["model", "equal_eval", "eval_ratio", "eval_note", "rel_error", "size", "equal_second_size", "rel_error_second",
               "state_dict_unchanged", "equal_train", "train_ratio", "train_note", "error", "bn_total", "bn_unfused",
               "fused_fraction", "reasons", "seconds", "cpu_seconds"]
 

@@ -25,8 +25,21 @@ from torch import nn
 from ..convert import convert
 from ..nn import FOLDED
 
-# Eval outputs must agree to this relative error (max |a - e| / max |e|), in fp32.
+# Eval outputs are judged against a float64 copy of the original: the fused model's relative
+# error (max |a - e| / max |e|) may be TRAIN_FACTOR x that of an fp32 original, and always
+# EVAL_TOLERANCE. A deep network with random BatchNorm statistics can be chaotic in fp32: the
+# original repvgg_d2se lands 0.9 from its own float64 copy at 32 px, so fp32 against fp32 said
+# "wrong" where the fused model was exactly as good. "An fp32 original" is the worse of two:
+# the original on the input, and on the input with one rounding error per element (x(1 + eps r));
+# in maxvit_rmlp_base at 224 px those two land 5.6e-5 and 3.6e-4 from float64 on one draw, so
+# either alone understates how far an equally good fp32 computation falls. The median over
+# EVAL_DRAWS inputs at the first size (SECOND_SIZE_DRAWS at the second) decides: one draw can
+# flip a ReLU mask.
 EVAL_TOLERANCE = 1e-4
+EVAL_DRAWS = 3
+SECOND_SIZE_DRAWS = 2
+EVAL_DRAW_CAP = 10.0  # no single draw may exceed this ratio (inf and NaN mismatches included)
+CHAOTIC = 1e-2  # an fp32 original this far from float64 bounds nothing: judged in float64 instead
 # A fused training step may be this many times further from float64 than the original's.
 TRAIN_FACTOR = 2.0
 # Input sides tried in turn until the original model accepts one (the second size checked is
@@ -130,9 +143,11 @@ def problems(row: dict) -> list[str]:
     """Why a row is not an agreement (empty when it is): what the zoo test asserts and the CLI counts."""
     found = [row["error"]] if row["error"] else []
     if not row["equal_eval"]:
-        found.append(f"eval output differs: relative error {row['rel_error']}")
+        found.append(f"eval output: {row['eval_ratio']} x the allowed error against float64 "
+                     f"(relative error {row['rel_error']} against the fp32 original)")
     if row["equal_second_size"] is False:
-        found.append(f"eval output at the second size differs: relative error {row['rel_error_second']}")
+        found.append(f"eval output at the second size beyond the allowed error against float64 "
+                     f"(relative error {row['rel_error_second']} against the fp32 original)")
     if not row["state_dict_unchanged"]:
         found.append("state_dict changed")
     if row["equal_train"] is False:
@@ -207,14 +222,16 @@ def check_model(name: str, backend: str = "cpu", train: bool = True, seed: int =
     unit computes what eager PyTorch computes bit for bit, judges the rewrite alone, where a
     fused kernel's rounding flips ReLU masks of deep networks (see TRAIN_MIN_SIZE).
 
-    Keys: model, equal_eval, rel_error, size, equal_second_size, rel_error_second, state_dict_unchanged,
+    Keys: model, equal_eval, eval_ratio (the median over EVAL_DRAWS inputs of the fused error
+    against float64 over the allowed error: at most 1 agrees), rel_error (the first draw against
+    the fp32 original, for reading), eval_note (how a chaotic model was judged), size, equal_second_size, rel_error_second, state_dict_unchanged,
     error (what the converted model raised that the original did not, or a failure of the check
     itself), bn_total / bn_unfused (BatchNorm module calls in one eval forward of the original /
     of the converted model, folded ones not counted), fused_fraction, reasons (the report's
     reasons for what stayed unfused), equal_train, train_ratio, train_note, seconds, cpu_seconds.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
-    row = {"model": name, "equal_eval": False, "rel_error": None, "size": None, "equal_second_size": None,
+    row = {"model": name, "equal_eval": False, "eval_ratio": None, "eval_note": None, "rel_error": None, "size": None, "equal_second_size": None,
            "rel_error_second": None, "state_dict_unchanged": False, "error": None, "bn_total": 0, "bn_unfused": 0,
            "fused_fraction": None, "reasons": {}, "equal_train": None, "train_ratio": None, "train_note": None}
     try:
@@ -244,35 +261,103 @@ def _check(name: str, backend: str, train: bool, seed: int, train_backend: str, 
         return
     row["reasons"] = dict(Counter(reason for _, reason in report.unfused).most_common())
 
-    x = _input(kind, 1, size, torch.Generator().manual_seed(seed + 1))
+    exact_model = _float64_copy(model)
+    inputs = [_input(kind, 1, size, torch.Generator().manual_seed(seed + 1 + 10 * i)) for i in range(EVAL_DRAWS)]
     with torch.no_grad():
         with _counting_batch_norms(model, ()) as total:
-            expected, _ = _run(model, x)
+            _run(model, inputs[0])
         with _counting_batch_norms(converted, FOLDED) as unfused:
-            out, error = _run(converted, x)
+            _run(converted, inputs[0])
+    row["bn_total"], row["bn_unfused"] = total[0], unfused[0]
+    row["fused_fraction"] = round(1 - unfused[0] / total[0], 4) if total[0] else None
+    row["eval_ratio"], row["rel_error"], error, row["eval_note"] = _eval_ratio(model, converted, exact_model, inputs)
     if error is not None:
         row["error"] = f"eval: {_text(error)}"
         return
-    row["bn_total"], row["bn_unfused"] = total[0], unfused[0]
-    row["fused_fraction"] = round(1 - unfused[0] / total[0], 4) if total[0] else None
-    row["rel_error"] = _output_error(out, expected)
-    row["equal_eval"] = row["rel_error"] <= EVAL_TOLERANCE
+    row["equal_eval"] = row["eval_ratio"] <= 1.0
 
     # A second size: a forward whose code depends on shapes must still agree (or fail alike).
     # It runs on a deep copy, which regenerates the rewritten forwards (as a load does).
-    x2 = _input(kind, 2, size + SECOND_SIZE_STEP, torch.Generator().manual_seed(seed + 2))
+    second = size + SECOND_SIZE_STEP
+    inputs = [_input(kind, 2, second, torch.Generator().manual_seed(seed + 2 + 20 * i)) for i in range(SECOND_SIZE_DRAWS)]
     with torch.no_grad():
-        expected2, error2 = _run(model, x2)
-        out2, converted_error2 = _run(copy.deepcopy(converted), x2)
-    if error2 is None and converted_error2 is not None:
-        row["error"] = f"eval at {size + SECOND_SIZE_STEP}: {_text(converted_error2)}"
-    elif error2 is None:
-        row["rel_error_second"] = _output_error(out2, expected2)
-        row["equal_second_size"] = row["rel_error_second"] <= EVAL_TOLERANCE
+        _, original_error = _run(model, inputs[0])
+    if original_error is None:
+        ratio, row["rel_error_second"], error, note = _eval_ratio(model, copy.deepcopy(converted), exact_model, inputs)
+        row["eval_note"] = row["eval_note"] or note
+        if error is not None:
+            row["error"] = f"eval at {second}: {_text(error)}"
+        else:
+            row["equal_second_size"] = ratio <= 1.0
     row["state_dict_unchanged"] = row["state_dict_unchanged"] and _same_state(model, converted)
 
     if train:
         _check_training(model, converted if train_backend == backend else None, kind, size, train_backend, seed, row)
+
+
+def _float64_copy(model: nn.Module) -> nn.Module | None:
+    """The original in float64 (the exact answer's stand-in), or None if it cannot run there."""
+    try:
+        return copy.deepcopy(model).double()
+    except Exception:  # noqa: BLE001  (a model that cannot be copied or cast is judged without it)
+        return None
+
+
+def _double(x):
+    return [t.double() for t in x] if isinstance(x, list) else x.double()
+
+
+def _one_rounding(x):
+    """``x`` with one fp32 rounding error per element, x(1 + eps r), r standard normal (seeded)."""
+    if isinstance(x, list):
+        return [_one_rounding(t) for t in x]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel()))
+    return x * (1 + torch.finfo(torch.float32).eps * noise)
+
+
+def _eval_ratio(model: nn.Module, converted: nn.Module, exact_model: nn.Module | None,
+                inputs: list) -> tuple[float, float, BaseException | None, str | None]:
+    """(the verdict's ratio, at most 1 agrees; the converted model's relative error against the
+    fp32 original on the first input, for reading; the converted model's exception if it
+    raised; a note on how it was judged).
+
+    Per input, the converted model's error against float64 over what the rule allows
+    (EVAL_TOLERANCE's comment); the ratio is their median, or inf if any input's exceeds
+    EVAL_DRAW_CAP (a mask flip moves one draw, it does not make it wrong). Where the fp32
+    original is further than CHAOTIC from float64, fp32 bounds nothing: the converted model runs
+    in float64 (its fused modules then run the unfused ops: the rewrite alone) and must match
+    the float64 original to EVAL_TOLERANCE. Where the float64 copy does not run, or the fp32
+    original does not even match its structure (a detector keeping other boxes), the
+    converted model is held to EVAL_TOLERANCE against the fp32 original."""
+    ratios, first, note, rewrite = [], None, None, None
+    for x in inputs:
+        with torch.no_grad():
+            expected, _ = _run(model, x)
+            out, error = _run(converted, x)
+            if error is not None:
+                return float("inf"), float("inf"), error, None
+            exact, exact_error = _run(exact_model, _double(x)) if exact_model is not None else (None, True)
+            rounded, _ = _run(model, _one_rounding(x))
+        against_original = _output_error(out, expected)
+        first = against_original if first is None else first
+        original_error = _output_error(expected, exact) if exact_error is None else float("inf")
+        if original_error == float("inf"):
+            ratios.append(against_original / EVAL_TOLERANCE)
+            continue
+        original_error = max(original_error, _output_error(rounded, exact))
+        if original_error > CHAOTIC:
+            note = f"chaotic in fp32 (the original {original_error:.2g} from float64): judged in float64"
+            rewrite = rewrite or copy.deepcopy(converted).double()
+            with torch.no_grad():
+                out64, error = _run(rewrite, _double(x))
+            if error is not None:
+                return float("inf"), first, error, note
+            ratios.append(_output_error(out64, exact) / EVAL_TOLERANCE)
+            continue
+        ratios.append(_output_error(out, exact) / max(TRAIN_FACTOR * original_error, EVAL_TOLERANCE))
+    if max(ratios) > EVAL_DRAW_CAP:
+        return float("inf"), first, None, note
+    return round(statistics.median(ratios), 4), first, None, note
 
 
 def _first_size(model: nn.Module, kind: str) -> int:

@@ -89,12 +89,72 @@ def test_full_sweep(full_name):
 
 
 def test_problems_names_each_disagreement():
-    agreeing = {"error": None, "equal_eval": True, "rel_error": 0.0, "equal_second_size": None,
+    agreeing = {"error": None, "equal_eval": True, "eval_ratio": 0.5, "rel_error": 0.0, "equal_second_size": None,
                 "rel_error_second": None, "state_dict_unchanged": True, "equal_train": None, "train_ratio": None}
     assert zoo.problems(agreeing) == []
-    wrong = {**agreeing, "equal_eval": False, "rel_error": 0.84, "equal_second_size": False, "rel_error_second": 0.5,
+    wrong = {**agreeing, "equal_eval": False, "eval_ratio": 900.0, "rel_error": 0.84, "equal_second_size": False, "rel_error_second": 0.5,
              "state_dict_unchanged": False, "equal_train": False, "train_ratio": 3.1, "error": "eval: RuntimeError: x"}
     assert zoo.problems(wrong) == [
-        "eval: RuntimeError: x", "eval output differs: relative error 0.84",
-        "eval output at the second size differs: relative error 0.5", "state_dict changed",
+        "eval: RuntimeError: x",
+        "eval output: 900.0 x the allowed error against float64 (relative error 0.84 against the fp32 original)",
+        "eval output at the second size beyond the allowed error against float64 (relative error 0.5 against the "
+        "fp32 original)", "state_dict changed",
         "training step: 3.1 x the allowed error against float64"]
+
+
+def test_a_kernel_off_by_a_thousandth_is_caught(monkeypatch):
+    """The eval judge against float64 allows the noise of an equally good fp32 computation, not
+    an error: a cpu kernel whose output is off by 1e-3 of its largest value fails the row."""
+    from resnet_fused import backends
+
+    record = backends.REGISTRY["cpu"]
+
+    def off(*args):
+        out = record.inference(*args)
+        return out + 1e-3 * out.abs().max()
+
+    monkeypatch.setitem(backends.REGISTRY, "cpu", type(record)(
+        "cpu", record.runs_on, record.why_not, off, record.kernels))
+    row = zoo.check_model("torchvision:resnet18", backend="cpu", train=False)
+    assert row["equal_eval"] is False and row["eval_ratio"] > 10, row
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self, wrong_on=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.wrong_on = torch.nn.Conv2d(3, 4, 3), wrong_on
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y + 0.5 * y.abs().max() if self.wrong_on is not None and torch.equal(x, self.wrong_on) else y
+
+
+class _Logistic(torch.nn.Module):
+    """Chaotic in fp32: 60 steps of the logistic map at r = 3.9 lose every digit."""
+
+    def __init__(self, constant: bool = False):
+        super().__init__()
+        self.constant = constant
+
+    def forward(self, x):
+        if self.constant:
+            return torch.full_like(x, 0.5)
+        for _ in range(60):
+            x = 3.9 * x * (1 - x)
+        return x
+
+
+def test_the_eval_judge_catches_one_wrong_draw_and_a_wrong_chaotic_model():
+    """The median over draws forgives a mask flip, not a wrong answer on one input; an original
+    too chaotic in fp32 to bound anything is judged in float64, where a wrong model fails."""
+    inputs = [torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    good = _Conv()
+    assert zoo._eval_ratio(good, _Conv(), zoo._float64_copy(good), inputs)[0] <= 1
+    assert zoo._eval_ratio(good, _Conv(wrong_on=inputs[1]), zoo._float64_copy(good), inputs)[0] == float("inf")
+    xs = [torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(i)) * 0.8 + 0.1 for i in range(3)]
+    chaotic = _Logistic()
+    ratio, _, _, note = zoo._eval_ratio(chaotic, _Logistic(constant=True), zoo._float64_copy(chaotic), xs)
+    assert ratio == float("inf") and "chaotic in fp32" in note
+    ratio, _, _, note = zoo._eval_ratio(chaotic, _Logistic(), zoo._float64_copy(chaotic), xs)
+    assert ratio == 0 and "judged in float64" in note
