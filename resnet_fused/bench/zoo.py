@@ -75,7 +75,7 @@ ZOO_SUBSET = [
     "torchvision:lraspp_mobilenet_v3_large", "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn",
     # timm: blocks with optional arguments (DLA), multi-branch residuals (HRNet, Res2Net,
     # ResNeSt), timm's ResNet variants (tiered stem, blur pool, avg-down shortcut), SE and
-    # selective-kernel blocks, GhostNet modules, BatchNormAct2d (left unfused), BatchNorm1d heads.
+    # selective-kernel blocks, GhostNet modules, BatchNormAct2d with ReLU/SiLU/Hardswish, BatchNorm1d heads.
     "timm:dla34", "timm:hrnet_w18_small", "timm:res2next50", "timm:resnest14d", "timm:resnet10t",
     "timm:resnetblur18", "timm:resnet18d", "timm:seresnet18", "timm:skresnet18", "timm:repghostnet_050",
     "timm:ghostnet_050", "timm:cs3darknet_focus_s", "timm:rexnet_100", "timm:levit_conv_128s",
@@ -361,14 +361,16 @@ def _eval_ratio(model: nn.Module, converted: nn.Module, exact_model: nn.Module |
 
 
 def _first_size(model: nn.Module, kind: str) -> int:
-    """The smallest of SIZES the original accepts (some need 224: fixed position tables)."""
-    error = None
-    for size in SIZES:
+    """The smallest of SIZES the original accepts (some need 224: fixed position tables), else
+    the side its timm configuration declares (timm's test_* models take exactly 160)."""
+    error, declared = None, getattr(model, "pretrained_cfg", None) or {}
+    sizes = SIZES + tuple(declared.get("input_size", ())[-1:])
+    for size in sizes:
         with torch.no_grad():
             _, error = _run(model, _input(kind, 1, size, torch.Generator().manual_seed(0)))
         if error is None:
             return size
-    raise RuntimeError(f"the original model accepts none of the sizes {SIZES}: {_text(error)}")
+    raise RuntimeError(f"the original model accepts none of the sizes {sizes}: {_text(error)}")
 
 
 def _proxies_left(model: nn.Module) -> list[str]:
