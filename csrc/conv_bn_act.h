@@ -38,6 +38,24 @@ struct ChannelParams {
   }
 };
 
+// K scale/shift pairs of the BN affine (bn_fold), once per call, so each
+// element of a CPU pass costs one multiply-add. Folded in double from the
+// acc_t parameters and rounded once, as ATen's CPU batch_norm folds (in its
+// accumulation type): each constant then carries one rounding, not four, and
+// the fused output is no less exact than the unfused one.
+template <typename acc_t>
+void fold_channels(const ChannelParams& bn, int64_t K, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const BnParams<acc_t> p = bn.pointers<acc_t>();
+  auto at = [](const acc_t* v, int64_t k, double none) { return v ? static_cast<double>(v[k]) : none; };
+  scale.resize(K);
+  shift.resize(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const double s = bn_scale(at(p.weight, k, 1.0), static_cast<double>(p.var[k]), bn.eps);
+    scale[k] = static_cast<acc_t>(s);
+    shift[k] = static_cast<acc_t>(bn_shift(at(p.bias, k, 0.0), at(p.conv_bias, k, 0.0), static_cast<double>(p.mean[k]), s));
+  }
+}
+
 // The (code, a, b) activation arguments of an op, checked: an unknown code
 // is an error that lists the known ones (epilogue.h's ActKind).
 inline Activation<double> make_activation(int64_t code, double a, double b, const char* op) {

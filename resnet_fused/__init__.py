@@ -18,6 +18,7 @@ from .nn import (
     FusedBottleneck,
     FusedConv2d,
 )
+from .norm_act import FusedBatchNormAct2d
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "FoldedSyncBatchNorm",
     "FrozenModel",
     "FusedBasicBlock",
+    "FusedBatchNormAct2d",
     "FusedBottleneck",
     "FusedConv2d",
     "available_backends",

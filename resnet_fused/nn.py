@@ -319,13 +319,8 @@ class FusedConv2d(nn.Conv2d):
         x = x.detach().requires_grad_(x.requires_grad)
         if isinstance(residual, torch.Tensor):
             residual = residual.detach().requires_grad_(residual.requires_grad)
-        with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged), \
-                torch.enable_grad() if recording else torch.no_grad():
-            out = unit.forward(x, residual)
-            if recording:
-                wrt = [t for t in (x, unit.weight, unit.bias, bn.weight, bn.bias, residual)
-                       if isinstance(t, torch.Tensor) and t.requires_grad]
-                torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+        tuning.call_once(lambda: unit.forward(x, residual), [x, unit.weight, unit.bias, bn.weight, bn.bias, residual],
+                         recording)
 
     def _record(self, x, residual) -> fx.Proxy:
         """While torch.fx traces a model: this call as one ``call_module`` node, as a tracer
@@ -361,10 +356,6 @@ class FusedConv2d(nn.Conv2d):
         p, q = (output_size(size, k, s, pad, d) for size, k, s, pad, d in
                 zip(x.shape[2:], self.kernel_size, self.stride, self.padding, self.dilation))
         return residual.dtype == x.dtype and residual.shape == (x.shape[0], self.out_channels, p, q)
-
-
-def _unchanged(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

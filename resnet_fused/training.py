@@ -38,7 +38,7 @@ then the convolution's input, weight and bias gradients from dy (ATen's
 ``convolution_backward``). x̂ is recomputed from y, never stored. Work whose gradient nobody
 needs is skipped (the reduction pass, the residual gradient, the conv gradients).
 
-Each backend supplies the same five kernels (``ops.kernels.Kernels``, from its registry record):
+Each backend supplies the same kernels (``ops.kernels.Kernels``, from its registry record):
 C++ ops for ``cpu``/``cuda`` (ops/extension.py over csrc/*/bn_act.*), Triton ops for
 ``triton`` (ops/triton/conv_bn_stats.py, ops/triton/bn_act.py), and the plain-torch
 specification in ops/reference.py for ``reference``.
@@ -168,21 +168,37 @@ def backward_unit(k: Kernels, grad_out, x, weight, bn_weight, bn_bias, out, y, m
     ``out`` and ``bn_bias`` as ``saved_for_activation`` keeps them. ``all_reduce``, when given,
     sums the per-channel (Σg, Σg·x̂) over processes for dy (SyncBatchNorm); ``count`` is then
     the global number of values per channel."""
+    need_conv = need_input or need_weight or need_bias
+    dy, dgamma, dbeta, d_residual = backward_norm(
+        k, grad_out, out, y, mean, var, bn_weight, bn_bias, eps, act, batch_stats, count, need_dy=need_conv,
+        need_gamma=need_gamma, need_beta=need_beta, need_residual=need_residual, all_reduce=all_reduce)
+    dx = dw = db = None
+    if need_conv:
+        dx, dw, db = aten.convolution_backward(
+            dy, x, weight, conv["has_bias"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"],
+            [need_input, need_weight, need_bias],
+        )
+    return dx, dw, db, dgamma, dbeta, d_residual
+
+
+def backward_norm(k: Kernels, grad_out, out, y, mean, var, bn_weight, bn_bias, eps, act: Activation, batch_stats,
+                  count, *, need_dy, need_gamma, need_beta, need_residual, all_reduce=None):
+    """The BatchNorm + activation part of a unit's backward: ``(dy, dγ, dβ, d_residual)`` for the
+    normalized input y, None where not needed (``backward_unit``'s arguments)."""
     grad_out = grad_out.contiguous(memory_format=output_memory_format(y))
     if out is None:  # saved only for ReLU, the one kind whose kernels read it (for the mask)
         out = grad_out
-    need_conv = need_input or need_weight or need_bias
     identity = act.kind == Kind.IDENTITY
     sum_g = sum_g_xhat = None
-    if need_gamma or need_beta or (batch_stats and need_conv):
+    if need_gamma or need_beta or (batch_stats and need_dy):
         sum_g, sum_g_xhat = k.backward_reduce(grad_out, out, y, mean, var, bn_weight, bn_bias, eps, *act.args)
     # dγ and dβ are this process's sums (data-parallel training adds them up across
     # processes); dy needs the sums over every value the statistics came from.
     total_g, total_g_xhat = sum_g, sum_g_xhat
-    if all_reduce is not None and batch_stats and need_conv:
+    if all_reduce is not None and batch_stats and need_dy:
         total_g, total_g_xhat = all_reduce(sum_g, sum_g_xhat)
     dy = d_residual = None
-    if need_conv or (need_residual and not identity):
+    if need_dy or (need_residual and not identity):
         dy, d_residual = k.backward_apply(
             grad_out, out, y, mean, var, bn_weight, bn_bias, eps,
             total_g if total_g is not None else mean, total_g_xhat if total_g_xhat is not None else mean,
@@ -190,15 +206,9 @@ def backward_unit(k: Kernels, grad_out, x, weight, bn_weight, bn_bias, out, y, m
         )
     if need_residual and identity:
         d_residual = grad_out  # the add passes its gradient through unchanged
-    dx = dw = db = None
-    if need_conv:
-        dx, dw, db = aten.convolution_backward(
-            dy, x, weight, conv["has_bias"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"],
-            [need_input, need_weight, need_bias],
-        )
     dgamma = sum_g_xhat.to(bn_weight.dtype) if need_gamma else None
     dbeta = sum_g if need_beta else None
-    return dx, dw, db, dgamma, dbeta, d_residual if need_residual else None
+    return dy if need_dy else None, dgamma, dbeta, d_residual if need_residual else None
 
 
 conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)

@@ -70,17 +70,42 @@ def candidates(device: torch.device) -> list[str]:
     return [*fused_candidates(device), "reference"]
 
 
-def unit_key(x: torch.Tensor, weight: torch.Tensor, residual, stride, padding, dilation, groups: int,
-             act_kind: str, mode: str) -> str:
+def _device_and_input(x: torch.Tensor) -> list:
     device = x.device
     name, capability = "cpu", None
     if device.type == "cuda":
         name, capability = torch.cuda.get_device_name(device), list(torch.cuda.get_device_capability(device))
     layout = "channels_last" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous() else "contiguous"
-    return json.dumps([device.type, name, capability, list(x.shape), str(x.dtype).removeprefix("torch."), layout,
-                       list(weight.shape), list(stride), list(padding), list(dilation), groups,
+    return [device.type, name, capability, list(x.shape), str(x.dtype).removeprefix("torch."), layout]
+
+
+def unit_key(x: torch.Tensor, weight: torch.Tensor, residual, stride, padding, dilation, groups: int,
+             act_kind: str, mode: str) -> str:
+    return json.dumps([*_device_and_input(x), list(weight.shape), list(stride), list(padding), list(dilation), groups,
                        residual is not None, act_kind, mode])
+
+
+def norm_key(x: torch.Tensor, act_kind: str, mode: str) -> str:
+    """The key of a BatchNorm + activation unit with no conv (norm_act.py)."""
+    return json.dumps([*_device_and_input(x), "batch_norm", act_kind, mode])
+
+
+def call_once(run: Callable[[], torch.Tensor], tensors: list, recording: bool) -> None:
+    """A trial's one call: ``run()``, and when ``recording``, its backward by
+    ``torch.autograd.grad`` to those of ``tensors`` that require grad (no ``.grad``
+    accumulates), with the saved tensors bypassing the caller's saved-tensor hooks
+    (non-reentrant checkpointing counts them)."""
+    with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged), \
+            torch.enable_grad() if recording else torch.no_grad():
+        out = run()
+        if recording:
+            wrt = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+
+
+def _unchanged(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def choose(key: str, device: torch.device, trial: Callable[[str], None], fallback: str) -> str:

@@ -226,16 +226,6 @@ void apply_loop(const scalar_t* y, const scalar_t* residual, const at::opmath_ty
   });
 }
 
-// K scale/shift pairs of the BN affine (bn_fold), once per call, so each
-// element costs one multiply-add.
-template <typename acc_t>
-void fold_channels(const ChannelParams& bn, int64_t K, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
-  const BnParams<acc_t> p = bn.pointers<acc_t>();
-  scale.resize(K);
-  shift.resize(K);
-  for (int64_t k = 0; k < K; ++k) bn_fold(p, k, scale[k], shift[k]);
-}
-
 void apply_cpu(const at::Tensor& y, const ChannelParams& bn, const at::Tensor& residual, const BnActView& v,
                const Activation<double>& activation, at::Tensor& out) {
   const int64_t K = v.K;
@@ -286,15 +276,18 @@ void plane_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* 
   // innermost loop, not in the unrolled lane loop below (measured 3x slower).
   acc_t g[kPlaneChunk];
   for (int64_t i = 0; i < n; ++i) g[i] = grad_z<kAct>(grad, out, y, i, scale, shift, act);
+  // Sums in double, as ATen's CPU batch_norm backward accumulates (dγ of a
+  // float chunk sum came out 2x less exact than the unfused module's).
   const int64_t full = n - n % kLanes;
-  acc_t sg[kLanes] = {}, sgc[kLanes] = {};
+  const double m = mean;
+  double sg[kLanes] = {}, sgc[kLanes] = {};
   for (int64_t i = 0; i < full; i += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
-      bn_backward_accumulate(g[i + l], static_cast<acc_t>(y[i + l]), mean, sg[l], sgc[l]);
+      bn_backward_accumulate<double>(g[i + l], static_cast<double>(y[i + l]), m, sg[l], sgc[l]);
     }
   }
-  acc_t sum_g = sum_lanes(sg), sum_gc = sum_lanes(sgc);
-  for (int64_t i = full; i < n; ++i) bn_backward_accumulate(g[i], static_cast<acc_t>(y[i]), mean, sum_g, sum_gc);
+  double sum_g = sum_lanes(sg), sum_gc = sum_lanes(sgc);
+  for (int64_t i = full; i < n; ++i) bn_backward_accumulate<double>(g[i], static_cast<double>(y[i]), m, sum_g, sum_gc);
   sum_g_out = sum_g;
   sum_gc_out = sum_gc;
 }
@@ -303,7 +296,7 @@ void plane_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* 
 // grad, out, y:          rows x K values, row-major (out unread unless ReLU)
 // mean, scale, shift:    (K,); scale/shift the BN affine (read when kAct needs z)
 // sum_g_out, sum_gc_out: (K,) double out
-// scratch:               (2K,) acc_t
+// scratch:               (2K,) double (the sums, in double as in the NCHW chunks)
 template <typename scalar_t, ActKind kAct>
 void rows_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* __restrict out,
                               const scalar_t* __restrict y, int64_t rows, int64_t K,
@@ -311,16 +304,16 @@ void rows_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* _
                               const at::opmath_type<scalar_t>* __restrict scale,
                               const at::opmath_type<scalar_t>* __restrict shift,
                               const Activation<at::opmath_type<scalar_t>>& act, double* __restrict sum_g_out,
-                              double* __restrict sum_gc_out, at::opmath_type<scalar_t>* __restrict scratch) {
+                              double* __restrict sum_gc_out, double* __restrict scratch) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t* __restrict sg = scratch;
-  acc_t* __restrict sgc = scratch + K;
-  std::fill(scratch, scratch + 2 * K, acc_t(0));
+  double* __restrict sg = scratch;
+  double* __restrict sgc = scratch + K;
+  std::fill(scratch, scratch + 2 * K, 0.0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t base = r * K;
     for (int64_t k = 0; k < K; ++k) {
       const acc_t g = grad_z<kAct>(grad, out, y, base + k, scale[k], shift[k], act);
-      bn_backward_accumulate(g, static_cast<acc_t>(y[base + k]), mean[k], sg[k], sgc[k]);
+      bn_backward_accumulate<double>(g, static_cast<double>(y[base + k]), mean[k], sg[k], sgc[k]);
     }
   }
   std::copy(sg, sg + K, sum_g_out);
@@ -349,7 +342,7 @@ void backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out, cons
       constexpr ActKind kAct = decltype(kind)::value;
       if (v.channels_last) {
         at::parallel_for(0, ch.chunks, chunk_grain(v, ch), [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> scratch(2 * K);
+          std::vector<double> scratch(2 * K);
           for (int64_t c = begin; c < end; ++c) {
             const int64_t base = c * ch.len * K;
             rows_chunk_backward_sums<scalar_t, kAct>(gp + base, op ? op + base : nullptr, yp + base, ch.count(c), K,
@@ -374,7 +367,8 @@ void backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out, cons
     at::parallel_for(0, K, std::max<int64_t>(1, kGrain / ch.chunks), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         sg_out[k] = static_cast<acc_t>(sum_chunks(part_g, K, k, 0, ch.chunks));
-        sgx_out[k] = bn_sum_g_xhat(sum_chunks(part_gc, K, k, 0, ch.chunks), vp[k], static_cast<acc_t>(eps));
+        // invstd in double too: one rounding between the double sum and dγ.
+        sgx_out[k] = static_cast<acc_t>(bn_sum_g_xhat<double>(sum_chunks(part_gc, K, k, 0, ch.chunks), vp[k], eps));
       }
     });
   });
@@ -429,15 +423,15 @@ void backward_apply_cpu(const at::Tensor& grad_out, const at::Tensor& out, const
     const acc_t* gamma = p.gamma.defined() ? p.gamma.const_data_ptr<acc_t>() : nullptr;
     const acc_t* sg = p.training ? p.sum_g.const_data_ptr<acc_t>() : nullptr;
     const acc_t* sgx = p.training ? p.sum_g_xhat.const_data_ptr<acc_t>() : nullptr;
+    // In double, each rounded once (fold_channels' reason).
     for (int64_t k = 0; k < K; ++k) {
-      const auto c = bn_backward_coeffs(mean[k], var[k], gamma ? gamma[k] : acc_t(1), static_cast<acc_t>(p.eps),
-                                        sg ? sg[k] : acc_t(0), sgx ? sgx[k] : acc_t(0), static_cast<acc_t>(p.count),
-                                        p.training);
-      coef[k] = c.mean;
-      coef[K + k] = c.invstd;
-      coef[2 * K + k] = c.scale;
-      coef[3 * K + k] = c.mean_g;
-      coef[4 * K + k] = c.mean_g_xhat;
+      const auto c = bn_backward_coeffs<double>(mean[k], var[k], gamma ? gamma[k] : 1.0, p.eps, sg ? sg[k] : 0.0,
+                                                sgx ? sgx[k] : 0.0, static_cast<double>(p.count), p.training);
+      coef[k] = static_cast<acc_t>(c.mean);
+      coef[K + k] = static_cast<acc_t>(c.invstd);
+      coef[2 * K + k] = static_cast<acc_t>(c.scale);
+      coef[3 * K + k] = static_cast<acc_t>(c.mean_g);
+      coef[4 * K + k] = static_cast<acc_t>(c.mean_g_xhat);
     }
     std::vector<acc_t> z_scale, z_shift;  // the forward's BN affine, to recompute z
     fold_channels(ChannelParams{at::Tensor(), p.gamma, p.beta, p.mean, p.var, p.eps}, K, z_scale, z_shift);

@@ -65,11 +65,8 @@ void cpu_epilogue(at::Tensor& out, const ChannelParams& bn, const std::optional<
   const int64_t N = out.size(0), K = out.size(1), PQ = out.size(2) * out.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bn_act_cpu_epilogue", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // K scale/shift pairs once per call, so the pass over N*K*H*W elements
-    // does one multiply-add each.
-    const BnParams<acc_t> p = bn.pointers<acc_t>();
-    std::vector<acc_t> scale(K), shift(K);
-    for (int64_t k = 0; k < K; ++k) bn_fold(p, k, scale[k], shift[k]);
+    std::vector<acc_t> scale, shift;
+    fold_channels(bn, K, scale, shift);
 
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const scalar_t* r = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;

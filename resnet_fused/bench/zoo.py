@@ -24,6 +24,7 @@ from torch import nn
 
 from ..convert import convert
 from ..nn import FOLDED
+from ..norm_act import FusedBatchNormAct2d
 
 # Eval outputs are judged against a float64 copy of the original: the fused model's relative
 # error (max |a - e| / max |e|) may be TRAIN_FACTOR x that of an fp32 original, and always
@@ -266,7 +267,7 @@ def _check(name: str, backend: str, train: bool, seed: int, train_backend: str, 
     with torch.no_grad():
         with _counting_batch_norms(model, ()) as total:
             _run(model, inputs[0])
-        with _counting_batch_norms(converted, FOLDED) as unfused:
+        with _counting_batch_norms(converted, (*FOLDED, FusedBatchNormAct2d)) as unfused:
             _run(converted, inputs[0])
     row["bn_total"], row["bn_unfused"] = total[0], unfused[0]
     row["fused_fraction"] = round(1 - unfused[0] / total[0], 4) if total[0] else None

@@ -7,7 +7,9 @@ traced at most once per mode per conversion):
 2. ``chains``: anywhere else, a Conv2d → BatchNorm2d (→ ReLU) chain that the parent's forward
    shows in eval and train mode alike. A parent that cannot be traced is left as it is — a
    missed fusion, never a wrong answer.
-3. ``residual``: in blocks of any class, ``fused conv → add(other) → ReLU`` into the conv.
+3. ``norm_act``: a BatchNorm2d no conv absorbed, followed by an activation (pre-activation
+   networks; timm's BatchNormAct2d after a concat or an add), becomes ``FusedBatchNormAct2d``.
+4. ``residual``: in blocks of any class, ``fused conv → add(other) → ReLU`` into the conv.
 Each pass returns what it left alone and why; ``report`` only formats those decisions.
 
 Only plain modules are fused: exactly nn.Conv2d (zero padding given as numbers) and exactly
@@ -26,6 +28,7 @@ from torch import nn
 from .. import backends
 from ..nn import FusedBasicBlock, FusedBottleneck, has_hooks, is_plain_batch_norm, is_plain_conv, norm_features
 from .chains import fuse_chains
+from .norm_act import fuse_norm_acts
 from .report import ConversionReport, build_report
 from .residual import fuse_residuals, may_hold_residual
 from .tracing import Traces
@@ -76,6 +79,8 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
                 # The outermost forward that calls the conv says why (it traces through the
                 # Sequentials below it); a later pass over one of those may still fuse it.
                 conv_reasons.setdefault(_join(name, target), reason)
+        for parent in list(model.modules()):
+            fuse_norm_acts(parent, shared, backend, traces)
         for name, block in list(model.named_modules()):
             if may_hold_residual(block):
                 residual_misses += [(_join(name, target), reason) for target, reason in fuse_residuals(block, traces)]

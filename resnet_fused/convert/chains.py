@@ -59,17 +59,10 @@ def _name(node: fx.Node, parent: nn.Module) -> str:
 def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[str, Chain], dict[str, str]]:
     """``(chains, why_not)`` of one trace of the parent's forward: the chains it shows, and for
     every other plain conv it calls, why not."""
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    calls = module_calls(graph)
 
     def called_once(node: fx.Node, plain) -> bool:
-        return (
-            node.op == "call_module"
-            and calls[node.target] == 1
-            and id(parent.get_submodule(node.target)) not in shared
-            and plain(parent.get_submodule(node.target))
-            and len(node.args) == 1
-            and not node.kwargs
-        )
+        return is_called_once(node, parent, calls, shared, plain)
 
     found, why_not = {}, {}
     for node in graph.nodes:
@@ -96,30 +89,57 @@ def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[
         if own_act not in (None, IDENTITY):
             found[node.target] = (bn_node.target, own_act, None)  # the norm module applies it itself
             continue
-        # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the
-        # activation: act(noop(y)) == noop(act(y)), so the activation still folds into the conv.
-        before, act_node = bn_node, single_user(bn_node)
-        while act_node is not None and called_once(act_node, is_noop) and act_node.args[0] is before:
-            before, act_node = act_node, single_user(act_node)
-        act = activation_of(act_node, parent) if act_node is not None and act_node.args[:1] == (before,) else None
-        # An activation module used only here becomes a pass-through (folded_activation). A
-        # functional or shared ReLU stays, which is harmless because relu(relu(y)) == relu(y) --
-        # unless it works in place: it would then overwrite the fused output that autograd keeps
-        # for the ReLU mask, so it is not folded and runs after the fused conv+BN as it ran after
-        # the BatchNorm. Any other activation applied twice changes the answer: it folds only as
-        # a module of its own.
-        own = (
-            act_node.target
-            if act is not None
-            and act_node.op == "call_module"
-            and calls[act_node.target] == 1
-            and id(parent.get_submodule(act_node.target)) not in shared
-            else None
-        )
-        if act is None or own is None and (act != RELU or _is_inplace_relu(act_node, parent)):
-            act = IDENTITY
-        found[node.target] = (bn_node.target, act, own if act != IDENTITY else None)
+        found[node.target] = (bn_node.target, *activation_after(bn_node, parent, calls, shared))
     return found, why_not
+
+
+def module_calls(graph: fx.Graph) -> Counter:
+    """How many times the trace calls each module target."""
+    return Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+
+def is_called_once(node: fx.Node, parent: nn.Module, calls: Counter, shared: set[int], plain) -> bool:
+    """Whether ``node`` calls a module that ``plain`` accepts, unshared, once in the trace, on one
+    argument."""
+    return (
+        node.op == "call_module"
+        and calls[node.target] == 1
+        and id(parent.get_submodule(node.target)) not in shared
+        and plain(parent.get_submodule(node.target))
+        and len(node.args) == 1
+        and not node.kwargs
+    )
+
+
+def activation_after(bn_node: fx.Node, parent: nn.Module, calls: Counter,
+                     shared: set[int]) -> tuple[Activation, str | None]:
+    """``(activation, own module)``: the activation a fused unit ending in the BatchNorm of
+    ``bn_node`` may apply (IDENTITY: none), and the target of the activation module that then
+    becomes a pass-through (None: nothing to replace)."""
+    # No-op modules (Identity, Dropout(p=0)) may stand between the BatchNorm and the
+    # activation: act(noop(y)) == noop(act(y)), so the activation still folds.
+    before, act_node = bn_node, single_user(bn_node)
+    while act_node is not None and is_called_once(act_node, parent, calls, shared, is_noop) \
+            and act_node.args[0] is before:
+        before, act_node = act_node, single_user(act_node)
+    act = activation_of(act_node, parent) if act_node is not None and act_node.args[:1] == (before,) else None
+    # An activation module used only here becomes a pass-through (folded_activation). A
+    # functional or shared ReLU stays, which is harmless because relu(relu(y)) == relu(y) --
+    # unless it works in place: it would then overwrite the fused output that autograd keeps
+    # for the ReLU mask, so it is not folded and runs after the fused unit as it ran after the
+    # BatchNorm. Any other activation applied twice changes the answer: it folds only as a
+    # module of its own.
+    own = (
+        act_node.target
+        if act is not None
+        and act_node.op == "call_module"
+        and calls[act_node.target] == 1
+        and id(parent.get_submodule(act_node.target)) not in shared
+        else None
+    )
+    if act is None or own is None and (act != RELU or _is_inplace_relu(act_node, parent)):
+        act = IDENTITY
+    return act, own if act != IDENTITY else None
 
 
 def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Traces) -> dict[str, str]:
@@ -151,16 +171,16 @@ def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Trace
             act, own_act = (RELU, None) if act == other[1] == RELU else (IDENTITY, None)
         fused_conv, folded_bn = fuse_conv_bn(parent.get_submodule(conv_name), parent.get_submodule(bn_name),
                                              backend=backend, act=act)
-        _set_submodule(parent, conv_name, fused_conv)
-        _set_submodule(parent, bn_name, folded_bn)
+        set_submodule(parent, conv_name, fused_conv)
+        set_submodule(parent, bn_name, folded_bn)
         if own_act is not None:
-            _set_submodule(parent, own_act, folded_activation(parent.get_submodule(own_act)))
+            set_submodule(parent, own_act, folded_activation(parent.get_submodule(own_act)))
     for conv_name in train_chains.keys() - eval_chains.keys():
         why_not.setdefault(conv_name, "its forward feeds it to a BatchNorm in one mode only (train or eval)")
     return why_not
 
 
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     """Put ``module`` in the slot ``target`` names (dotted: inside a traced-through Sequential)."""
     owner, _, name = target.rpartition(".")
     setattr(root.get_submodule(owner) if owner else root, name, module)

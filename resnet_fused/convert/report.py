@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..norm_act import FusedBatchNormAct2d
 from ..nn import FOLDED, FusedConv2d, has_hooks, is_plain_batch_norm, norm_act_activation, timm_norm_act_types
 from ..ops.activation import Kind
 from .chains import is_norm
@@ -26,6 +27,7 @@ class ConversionReport:
     # ReLUs after residual adds)
     activations_fused: Counter = field(default_factory=Counter)
     residuals_fused: int = 0  # add + ReLU pairs applied in a fused conv's epilogue
+    norm_acts_fused: int = 0  # BatchNorm + activation pairs with no conv, now one op (FusedBatchNormAct2d)
     unfused: list[tuple[str, str]] = field(default_factory=list)  # (module name, reason)
 
     def __str__(self) -> str:
@@ -33,7 +35,8 @@ class ConversionReport:
         lines = [
             f"resnet_fused.convert (backend={self.backend!r}): {self.convs_fused} conv+BatchNorm fused, "
             f"{sum(self.activations_fused.values())} activations fused{f' ({kinds})' if kinds else ''}, "
-            f"{self.residuals_fused} residual add+ReLU fused",
+            f"{self.residuals_fused} residual add+ReLU fused, {self.norm_acts_fused} BatchNorm+activation fused "
+            "without a conv",
         ]
         if self.unfused:
             # One line per reason (a ResNet repeats its blocks), with a few of the places.
@@ -61,6 +64,8 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
                 report.residuals_fused += 1
             elif module.act.kind != Kind.IDENTITY:
                 report.activations_fused[type(module.act.to_module()).__name__] += 1
+        elif isinstance(module, FusedBatchNormAct2d):
+            report.norm_acts_fused += 1
         elif isinstance(module, nn.Conv2d):
             report.unfused.append((name, conv_reasons.get(name, "not called by any forward convert could trace")))
         elif is_norm(module) and not isinstance(module, FOLDED):
@@ -68,7 +73,7 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
             if type(module) in timm_norm_act_types().values():
                 reason = _norm_act_reason(module)
             elif is_plain_batch_norm(module):
-                reason = "has hooks" if has_hooks(module) else "no conv feeds it directly"
+                reason = "has hooks" if has_hooks(module) else _lone_reason(type(module) is nn.BatchNorm2d)
             report.unfused.append((name, f"{type(module).__name__} {reason}"))
     report.unfused += [(name, f"{reason}: add + ReLU stay") for name, reason in residual_misses]
     return report
@@ -84,4 +89,13 @@ def _norm_act_reason(module: nn.Module) -> str:
     if norm_act_activation(module) is None:
         return (f"applies {type(act).__name__} (a fused conv applies nn.ReLU, ReLU6, Hardtanh, LeakyReLU, SiLU, "
                 "Hardswish or nothing)")
-    return "no conv feeds it directly"
+    return _lone_reason(type(module) is timm_norm_act_types().get("BatchNormAct2d"))
+
+
+def _lone_reason(pairs_with_activation: bool) -> str:
+    """Why a norm that no conv feeds stays: only BatchNorm2d and BatchNormAct2d pair with the
+    activation after them (FusedBatchNormAct2d)."""
+    if pairs_with_activation:
+        return ("no conv feeds it directly and no activation follows it (in both modes, its output used only "
+                "there), or its parent's forward cannot be traced")
+    return "no conv feeds it directly (a synchronized or frozen norm is fused only after a conv)"

@@ -1,4 +1,4 @@
-"""``Kernels``: the five pieces of the training unit that every backend supplies (its registry
+"""``Kernels``: the six pieces of the training unit that every backend supplies (its registry
 record's ``kernels()``; semantics: ops/reference.py, composed by training.py)."""
 
 from __future__ import annotations
@@ -15,3 +15,4 @@ class Kernels:
     backward_reduce: Callable  # reference.bn_act_backward_reduce
     backward_apply: Callable  # reference.bn_act_backward_apply
     update_running_stats: Callable  # reference.update_running_stats (in place)
+    stats: Callable  # reference.bn_stats: (y) -> (mean, var), for a BatchNorm no conv feeds (norm_act.py)

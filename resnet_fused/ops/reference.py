@@ -208,4 +208,5 @@ def kernels():
         y = aten.convolution(x, weight, bias, stride, padding, dilation, groups)
         return (y, *bn_stats(y))
 
-    return Kernels(conv_stats, bn_act_apply, bn_act_backward_reduce, bn_act_backward_apply, update_running_stats)
+    return Kernels(conv_stats, bn_act_apply, bn_act_backward_reduce, bn_act_backward_apply, update_running_stats,
+                   bn_stats)

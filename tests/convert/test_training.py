@@ -41,17 +41,26 @@ def sgd_steps(model, inputs, targets, steps):
 
 
 def assert_same_training(original, converted, steps, input_shape, classes, tol):
+    """``steps`` SGD steps of the converted model and of the original, each judged against the
+    same steps of a float64 copy of the original (fp32 against fp32 compares two roundings, and a
+    max pool's argmax or a ReLU's mask flips on a 1e-7 difference, after which either fp32 run
+    drifts): per loss and per state entry, the converted model's error at most 2x the original's,
+    or ``tol`` (relative). Both start from the same weights."""
+    exact = copy.deepcopy(original).double()
     g = torch.Generator().manual_seed(20)
     inputs = [torch.randn(input_shape, generator=g) for _ in range(steps)]
     targets = [torch.randint(0, classes, (input_shape[0],), generator=g) for _ in range(steps)]
-    expected = sgd_steps(original, inputs, targets, steps)
+    expected = sgd_steps(exact, [x.double() for x in inputs], targets, steps)
+    plain = sgd_steps(original, inputs, targets, steps)
     losses = sgd_steps(converted, inputs, targets, steps)
-    assert losses == pytest.approx(expected, rel=tol)
-    a, b = original.state_dict(), converted.state_dict()
+    for fused_loss, plain_loss, exact_loss in zip(losses, plain, expected):
+        assert abs(fused_loss - exact_loss) <= max(2 * abs(plain_loss - exact_loss), tol * abs(exact_loss)), (
+            losses, plain, expected)
+    a, b, e = original.state_dict(), converted.state_dict(), exact.state_dict()
     assert list(a) == list(b)
     for key in a:
         if a[key].is_floating_point():
-            assert max_rel_error(b[key], a[key]) < tol, key
+            assert max_rel_error(b[key], e[key]) <= max(2 * max_rel_error(a[key], e[key]), tol), key
         else:
             assert torch.equal(a[key], b[key]), key  # num_batches_tracked
 

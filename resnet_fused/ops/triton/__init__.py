@@ -8,6 +8,7 @@ C++ backends never import Triton."""
 
 from __future__ import annotations
 
+from .. import reference
 from ..kernels import Kernels
 
 
@@ -24,5 +25,7 @@ def kernels():
                          bn_update_running_stats_triton_)
     from .conv_bn_stats import conv_bn_stats_triton
 
+    # A BatchNorm that no conv feeds takes its statistics from ATen's var_mean (one Welford
+    # pass over y, as a stats kernel of ours would make); the conv's own come from its epilogue.
     return Kernels(conv_bn_stats_triton, bn_act_apply_triton, bn_act_backward_reduce_triton,
-                   bn_act_backward_apply_triton, bn_update_running_stats_triton_)
+                   bn_act_backward_apply_triton, bn_update_running_stats_triton_, reference.bn_stats)
