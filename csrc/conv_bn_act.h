@@ -80,6 +80,8 @@ void with_activation(ActKind kind, F&& f) {
     case ActKind::kLeakyRelu: return f(std::integral_constant<ActKind, ActKind::kLeakyRelu>{});
     case ActKind::kSilu: return f(std::integral_constant<ActKind, ActKind::kSilu>{});
     case ActKind::kHardswish: return f(std::integral_constant<ActKind, ActKind::kHardswish>{});
+    case ActKind::kGelu: return f(std::integral_constant<ActKind, ActKind::kGelu>{});
+    case ActKind::kGeluTanh: return f(std::integral_constant<ActKind, ActKind::kGeluTanh>{});
   }
   TORCH_CHECK(false, "unknown activation kind ", static_cast<int>(kind));
 }

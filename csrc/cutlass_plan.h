@@ -182,7 +182,7 @@ inline int pick_tile_n(const ConvShape& s, const Device& d) {
 
 // The sm90 epilogue's activation is CUTLASS's Clamp with run-time bounds
 // (cutlass_sm90.cuh): [-inf, inf] is the identity, [0, inf] ReLU and [a, b]
-// Hardtanh. LeakyReLU, SiLU and Hardswish are no clamp; an sm90 functor with
+// Hardtanh. LeakyReLU, SiLU, Hardswish and GELU are no clamp; an sm90 functor with
 // run-time (kind, a, b) would need its own fusion callbacks in CUTLASS's
 // visitor tree, so on Hopper they take the exact path (one cuDNN conv and
 // one epilogue pass, which applies every kind). The sm80 epilogue is ours and
@@ -199,6 +199,8 @@ inline const char* act_name(ActKind act) {
     case ActKind::kLeakyRelu: return "LeakyReLU";
     case ActKind::kSilu: return "SiLU";
     case ActKind::kHardswish: return "Hardswish";
+    case ActKind::kGelu: return "GELU";
+    case ActKind::kGeluTanh: return "GELU (tanh)";
   }
   return "unknown";
 }

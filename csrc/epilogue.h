@@ -57,11 +57,13 @@ RF_HOST_DEVICE inline double sqrt_rn(double v) { return sqrt(v); }
 // values are resnet_fused.ops.activation.Kind's, which the ops receive as an
 // int code with two float parameters a, b: Hardtanh's (min_val, max_val),
 // LeakyReLU's negative_slope in a; unused otherwise.
-enum class ActKind : int { kIdentity = 0, kRelu = 1, kHardtanh = 2, kLeakyRelu = 3, kSilu = 4, kHardswish = 5 };
-inline constexpr int kNumActKinds = 6;
+enum class ActKind : int {
+  kIdentity = 0, kRelu = 1, kHardtanh = 2, kLeakyRelu = 3, kSilu = 4, kHardswish = 5, kGelu = 6, kGeluTanh = 7
+};
+inline constexpr int kNumActKinds = 8;
 // For the error an unknown code raises.
 inline constexpr const char* kActKindList =
-    "0 (identity), 1 (ReLU), 2 (Hardtanh), 3 (LeakyReLU), 4 (SiLU), 5 (Hardswish)";
+    "0 (identity), 1 (ReLU), 2 (Hardtanh), 3 (LeakyReLU), 4 (SiLU), 5 (Hardswish), 6 (GELU), 7 (GELU tanh)";
 
 template <typename acc_t>
 struct Activation {
@@ -71,6 +73,23 @@ struct Activation {
 
 RF_HOST_DEVICE inline float exp_(float v) { return expf(v); }
 RF_HOST_DEVICE inline double exp_(double v) { return exp(v); }
+RF_HOST_DEVICE inline float erf_(float v) { return erff(v); }
+RF_HOST_DEVICE inline double erf_(double v) { return erf(v); }
+RF_HOST_DEVICE inline float tanh_(float v) { return tanhf(v); }
+RF_HOST_DEVICE inline double tanh_(double v) { return tanh(v); }
+
+// GELU's constants as ATen writes them: 1/√2, 1/√(2π), √(2/π) and the tanh
+// form's cubic coefficient.
+inline constexpr double kSqrtHalf = 0.70710678118654752440;
+inline constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+inline constexpr double kSqrt2OverPi = 0.79788456080286535588;
+inline constexpr double kGeluKappa = 0.044715;
+
+// √(2/π)·(v + κ·v³), the tanh form's argument.
+template <typename acc_t>
+RF_HOST_DEVICE inline acc_t gelu_tanh_inner(acc_t v) {
+  return acc_t(kSqrt2OverPi) * (v + acc_t(kGeluKappa) * v * v * v);
+}
 
 // act(v) for the kind K, a compile-time constant, so a CPU loop specialized
 // on it stays branch-free (and vectorizes). Every comparison is written so
@@ -88,6 +107,10 @@ RF_HOST_DEVICE inline acc_t activate(acc_t v, acc_t a, acc_t b) {
   } else if constexpr (K == ActKind::kHardswish) {
     const acc_t t = v + acc_t(3);
     return mul_rn(v, t < acc_t(0) ? acc_t(0) : (t > acc_t(6) ? acc_t(6) : t)) / acc_t(6);  // ATen's order
+  } else if constexpr (K == ActKind::kGelu) {
+    return v * acc_t(0.5) * (acc_t(1) + erf_(v * acc_t(kSqrtHalf)));
+  } else if constexpr (K == ActKind::kGeluTanh) {
+    return acc_t(0.5) * v * (acc_t(1) + tanh_(gelu_tanh_inner(v)));
   } else {
     return v;
   }
@@ -111,6 +134,17 @@ RF_HOST_DEVICE inline acc_t activate_grad(acc_t g, acc_t v, acc_t a, acc_t b) {
     return mul_rn(mul_rn(g, s), acc_t(1) + mul_rn(v, acc_t(1) - s));
   } else if constexpr (K == ActKind::kHardswish) {
     return v <= acc_t(-3) ? acc_t(0) : (v < acc_t(3) ? mul_rn(g, v / acc_t(3) + acc_t(0.5)) : g);
+  } else if constexpr (K == ActKind::kGelu) {
+    // Φ(v) + v·φ(v)
+    const acc_t cdf = acc_t(0.5) * (acc_t(1) + erf_(v * acc_t(kSqrtHalf)));
+    const acc_t pdf = acc_t(kInvSqrt2Pi) * exp_(acc_t(-0.5) * v * v);
+    return mul_rn(g, cdf + v * pdf);
+  } else if constexpr (K == ActKind::kGeluTanh) {
+    // ½(1 + t) + ½v·(1 − t²)·√(2/π)·(1 + 3κv²), t = tanh(inner)
+    const acc_t t = tanh_(gelu_tanh_inner(v));
+    const acc_t right = acc_t(0.5) * v * (acc_t(1) - t * t) * acc_t(kSqrt2OverPi) *
+                        (acc_t(1) + acc_t(3 * kGeluKappa) * v * v);
+    return mul_rn(g, acc_t(0.5) * (acc_t(1) + t) + right);
   } else {
     return g;
   }
@@ -132,6 +166,8 @@ RF_HOST_DEVICE inline acc_t activate(acc_t v, const Activation<acc_t>& act) {
     case ActKind::kLeakyRelu: return activate<ActKind::kLeakyRelu>(v, act.a, act.b);
     case ActKind::kSilu: return activate<ActKind::kSilu>(v, act.a, act.b);
     case ActKind::kHardswish: return activate<ActKind::kHardswish>(v, act.a, act.b);
+    case ActKind::kGelu: return activate<ActKind::kGelu>(v, act.a, act.b);
+    case ActKind::kGeluTanh: return activate<ActKind::kGeluTanh>(v, act.a, act.b);
     default: return v;
   }
 }
@@ -144,6 +180,8 @@ RF_HOST_DEVICE inline acc_t activate_grad(acc_t g, acc_t v, const Activation<acc
     case ActKind::kLeakyRelu: return activate_grad<ActKind::kLeakyRelu>(g, v, act.a, act.b);
     case ActKind::kSilu: return activate_grad<ActKind::kSilu>(g, v, act.a, act.b);
     case ActKind::kHardswish: return activate_grad<ActKind::kHardswish>(g, v, act.a, act.b);
+    case ActKind::kGelu: return activate_grad<ActKind::kGelu>(g, v, act.a, act.b);
+    case ActKind::kGeluTanh: return activate_grad<ActKind::kGeluTanh>(g, v, act.a, act.b);
     default: return g;
   }
 }

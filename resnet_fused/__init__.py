@@ -7,6 +7,7 @@ from .functional import conv_batch_norm_act, conv_bn_act
 from .nn import (
     FoldedBatchNorm2d,
     FoldedFrozenBatchNorm2d,
+    FoldedGELU,
     FoldedHardswish,
     FoldedHardtanh,
     FoldedLeakyReLU,
@@ -26,6 +27,7 @@ __all__ = [
     "BACKENDS",
     "FoldedBatchNorm2d",
     "FoldedFrozenBatchNorm2d",
+    "FoldedGELU",
     "FoldedHardswish",
     "FoldedHardtanh",
     "FoldedLeakyReLU",

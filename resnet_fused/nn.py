@@ -134,8 +134,19 @@ class FoldedHardswish(_PassThrough, nn.Hardswish):
     pass
 
 
+class FoldedGELU(_PassThrough, nn.GELU):
+    pass
+
+
 _FOLDED_ACTIVATIONS = {nn.ReLU: FoldedReLU, nn.ReLU6: FoldedReLU6, nn.Hardtanh: FoldedHardtanh,
-                       nn.LeakyReLU: FoldedLeakyReLU, nn.SiLU: FoldedSiLU, nn.Hardswish: FoldedHardswish}
+                       nn.LeakyReLU: FoldedLeakyReLU, nn.SiLU: FoldedSiLU, nn.Hardswish: FoldedHardswish,
+                       nn.GELU: FoldedGELU}
+
+
+def can_fold(module: nn.Module) -> bool:
+    """Whether an activation module has a pass-through class to leave in its slot (timm's own
+    GELU modules have none: they fold only inside its norm + activation modules)."""
+    return type(module) in _FOLDED_ACTIVATIONS
 
 
 def folded_activation(module: nn.Module) -> nn.Module:

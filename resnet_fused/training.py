@@ -23,6 +23,9 @@ Backward, with x̂ = (y − mean)·invstd and g = ∂L/∂z = act'(z)·∂L/∂o
     LeakyReLU(s):    g = ∂L/∂out where z > 0, else s·∂L/∂out
     SiLU:       g = ∂L/∂out·σ(z)·(1 + z·(1 − σ(z))),  σ(z) = 1/(1 + e^−z)
     Hardswish:  g = 0 for z ≤ −3, ∂L/∂out·(z/3 + 1/2) for −3 < z < 3, ∂L/∂out for z ≥ 3
+    GELU:       g = ∂L/∂out·(Φ(z) + z·φ(z)),  Φ, φ the standard normal CDF and density
+    GELU (tanh): g = ∂L/∂out·(½(1 + t) + ½z·(1 − t²)·√(2/π)·(1 + 3·0.044715·z²)),
+                t = tanh(√(2/π)·(z + 0.044715·z³))
   (each ATen's own backward of the function). ReLU reads its mask from the saved output; the
   kinds past it need z itself, which the backward kernels recompute from the saved conv output
   y as γ·x̂ + β, never stored. That z has no residual in it: with a residual, z = γ·x̂ + β + r

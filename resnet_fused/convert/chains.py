@@ -1,7 +1,7 @@
 """The chain pass: a Conv2d → BatchNorm2d (→ activation) chain is fused when the trace of the
 parent's forward (torch.fx, through plain Sequentials, in eval *and* train mode) shows the data
 flowing that way in both: each module called once, the conv's output feeding only the BN and the
-BN's only the activation (ReLU, ReLU6/Hardtanh, LeakyReLU, SiLU, Hardswish). Every conv the pass looks at and leaves alone gets the reason, which the report
+BN's only the activation (ReLU, ReLU6/Hardtanh, LeakyReLU, SiLU, Hardswish, GELU). Every conv the pass looks at and leaves alone gets the reason, which the report
 prints as it is.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn import (FusedConv2d, folded_activation, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv,
+from ..nn import (FusedConv2d, can_fold, folded_activation, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv,
                   norm_act_activation, norm_features)
 from ..ops.activation import IDENTITY, RELU, Activation
 from .tracing import Traces, activation_of, is_noop, leaves, single_user
@@ -135,6 +135,7 @@ def activation_after(bn_node: fx.Node, parent: nn.Module, calls: Counter,
         and act_node.op == "call_module"
         and calls[act_node.target] == 1
         and id(parent.get_submodule(act_node.target)) not in shared
+        and can_fold(parent.get_submodule(act_node.target))
         else None
     )
     if act is None or own is None and (act != RELU or _is_inplace_relu(act_node, parent)):

@@ -88,7 +88,7 @@ def _norm_act_reason(module: nn.Module) -> str:
         return f"applies {type(drop).__name__} before its activation"
     if norm_act_activation(module) is None:
         return (f"applies {type(act).__name__} (a fused conv applies nn.ReLU, ReLU6, Hardtanh, LeakyReLU, SiLU, "
-                "Hardswish or nothing)")
+                "Hardswish, GELU or nothing)")
     return _lone_reason(type(module) is timm_norm_act_types().get("BatchNormAct2d"))
 
 

@@ -14,6 +14,8 @@ and ``reference.activate`` (torch.nn.functional, the specification). The codes h
 | LEAKY_RELU  | slope     |          | ``nn.LeakyReLU``                         |
 | SILU        |           |          | ``nn.SiLU``                              |
 | HARDSWISH   |           |          | ``nn.Hardswish``                         |
+| GELU        |           |          | ``nn.GELU()``; timm's ``GELU``           |
+| GELU_TANH   |           |          | ``nn.GELU(approximate="tanh")``; timm's ``GELUTanh`` |
 
 Unused parameters are 0, so equal activations compare and hash equal.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -34,6 +37,8 @@ class Kind(enum.IntEnum):
     LEAKY_RELU = 3
     SILU = 4
     HARDSWISH = 5
+    GELU = 6  # 0.5·z·(1 + erf(z/√2))
+    GELU_TANH = 7  # 0.5·z·(1 + tanh(√(2/π)·(z + 0.044715·z³)))
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Activation:
             return nn.ReLU6() if (self.a, self.b) == (0.0, 6.0) else nn.Hardtanh(self.a, self.b)
         if self.kind == Kind.LEAKY_RELU:
             return nn.LeakyReLU(self.a)
+        if self.kind in (Kind.GELU, Kind.GELU_TANH):
+            return nn.GELU(approximate="tanh" if self.kind == Kind.GELU_TANH else "none")
         return {Kind.IDENTITY: nn.Identity, Kind.RELU: nn.ReLU, Kind.SILU: nn.SiLU, Kind.HARDSWISH: nn.Hardswish}[
             self.kind]()
 
@@ -92,12 +99,24 @@ class Activation:
             return cls(Kind.HARDTANH, module.min_val, module.max_val)
         if kind is nn.LeakyReLU:
             return cls(Kind.LEAKY_RELU, module.negative_slope)
-        simple = {nn.Identity: Kind.IDENTITY, nn.ReLU: Kind.RELU, nn.SiLU: Kind.SILU, nn.Hardswish: Kind.HARDSWISH}
+        if kind is nn.GELU:
+            return {"none": cls(Kind.GELU), "tanh": cls(Kind.GELU_TANH)}.get(module.approximate)
+        simple = {nn.Identity: Kind.IDENTITY, nn.ReLU: Kind.RELU, nn.SiLU: Kind.SILU, nn.Hardswish: Kind.HARDSWISH,
+                  **_timm_gelus()}
         return cls(simple[kind]) if kind in simple else None
 
     def __repr__(self) -> str:
         params = {Kind.HARDTANH: f"({self.a:g}, {self.b:g})", Kind.LEAKY_RELU: f"({self.a:g})"}.get(self.kind, "")
         return f"Activation.{self.kind.name}{params}"
+
+
+def _timm_gelus() -> dict[type, Kind]:
+    """timm's own GELU modules (``F.gelu(x)`` and ``F.gelu(x, approximate="tanh")``, what its
+    ``create_act_layer("gelu")`` makes), if timm's activations module is loaded (a model cannot
+    hold one otherwise); looked up, not imported."""
+    module = sys.modules.get("timm.layers.activations")
+    found = {getattr(module, "GELU", None): Kind.GELU, getattr(module, "GELUTanh", None): Kind.GELU_TANH}
+    return {cls: kind for cls, kind in found.items() if isinstance(cls, type)}
 
 
 def check_code(code) -> int:
@@ -130,7 +149,7 @@ def resolve(act: Activation | nn.Module | None, relu: bool | None, where: str) -
         found = Activation.from_module(act)
         if found is None:
             raise ValueError(f"{where}: {type(act).__name__} is not a fusable activation; supported: exactly "
-                             "nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish "
-                             "without hooks")
+                             "nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish, "
+                             "nn.GELU (or timm's GELU, GELUTanh) without hooks")
         return found
     raise TypeError(f"{where}: act must be an Activation or an activation module, got {type(act).__name__}")

@@ -98,6 +98,8 @@ def activate(z: torch.Tensor, act: Activation) -> torch.Tensor:
         return F.hardtanh(z, act.a, act.b)
     if act.kind == Kind.LEAKY_RELU:
         return F.leaky_relu(z, act.a)
+    if act.kind in (Kind.GELU, Kind.GELU_TANH):
+        return F.gelu(z, approximate="tanh" if act.kind == Kind.GELU_TANH else "none")
     return {Kind.IDENTITY: lambda v: v, Kind.RELU: torch.relu, Kind.SILU: F.silu, Kind.HARDSWISH: F.hardswish}[
         act.kind](z)
 
@@ -117,6 +119,8 @@ def activate_grad(grad_out: torch.Tensor, v: torch.Tensor, act: Activation) -> t
         return aten.leaky_relu_backward(grad_out, v, act.a, False)
     if act.kind == Kind.SILU:
         return aten.silu_backward(grad_out, v)
+    if act.kind in (Kind.GELU, Kind.GELU_TANH):
+        return aten.gelu_backward(grad_out, v, approximate="tanh" if act.kind == Kind.GELU_TANH else "none")
     return aten.hardswish_backward(grad_out, v)
 
 

@@ -1,5 +1,5 @@
 """convert folds the activation after a conv + BatchNorm into the fused conv: ReLU, ReLU6 and
-Hardtanh, LeakyReLU, SiLU, Hardswish, as a module of their own (which becomes a pass-through of
+Hardtanh, LeakyReLU, SiLU, Hardswish, GELU, as a module of their own (which becomes a pass-through of
 the same class) or applied by timm's norm + activation modules; a non-ReLU activation applied
 as a function, or by a module used twice, runs unfused after the fused conv + BN (applying it
 twice would change the answer). Eval output on every backend, a training step against float64,
@@ -20,7 +20,8 @@ from resnet_fused import FusedConv2d, _extension
 from resnet_fused.bench.zoo import randomize_batch_norms, step_ratio
 from resnet_fused.ops.activation import Activation, Kind
 
-ACTIVATIONS = [nn.ReLU6(), nn.Hardtanh(-0.5, 1.5), nn.LeakyReLU(0.2), nn.SiLU(inplace=True), nn.Hardswish()]
+ACTIVATIONS = [nn.ReLU6(), nn.Hardtanh(-0.5, 1.5), nn.LeakyReLU(0.2), nn.SiLU(inplace=True), nn.Hardswish(), nn.GELU(),
+               nn.GELU(approximate="tanh")]
 
 
 class Chain(nn.Module):
@@ -62,13 +63,13 @@ def test_an_activation_module_folds_into_the_fused_conv(act, backend):
     assert max_rel_error(out, expected) < 1e-5
     if backend == "cpu":
         ran = set(counter.counts)
-        assert counter.counts["conv_bn_act"] == 2 and not ran & {"silu", "silu_", "hardswish", "hardtanh",
+        assert counter.counts["conv_bn_act"] == 2 and not ran & {"silu", "silu_", "hardswish", "hardtanh", "gelu",
                                                                   "leaky_relu", "relu6"}, counter.counts
 
 
 # Asked of the build: available_backends() would query the GPU at collection.
 @pytest.mark.skipif(not _extension.has_cpu_ops(), reason=f"extension not built: {_extension.LOAD_ERROR}")
-@pytest.mark.parametrize("act", [nn.SiLU(), nn.Hardswish(), nn.LeakyReLU(0.1)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.Hardswish(), nn.LeakyReLU(0.1), nn.GELU()], ids=lambda m: type(m).__name__)
 def test_a_training_step_with_a_folded_activation_matches_against_float64(act):
     """The backward recomputes the pre-activation from the saved conv output; judged with
     zoo.step_ratio (loss, gradients, BatchNorm buffers), median over five draws: the loss is a

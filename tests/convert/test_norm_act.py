@@ -77,15 +77,31 @@ def test_a_training_step_matches_the_original_against_float64(norm):
     assert sorted(ratios)[1] <= 1.0, ratios
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_timm_gelu_modules_ride_in_the_fused_conv(act):
+    """timm's own GELU and GELUTanh (what act_layer="gelu" makes) by exact class, as the fused
+    conv's GELU (exact or tanh form)."""
+    model = _net(BatchNormAct2d, act).eval()
+    converted, report = resnet_fused.convert(model, backend="cpu" if _extension.has_cpu_ops() else "reference",
+                                             report=True)
+    assert type(model[0].bn.act).__module__ == "timm.layers.activations"
+    assert report.unfused == [] and report.activations_fused == {"GELU": 1}
+    assert converted[0].conv.act.kind.name == act.upper()
+    x = torch.randn(2, 3, 9, 10)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        assert max_rel_error(converted(x), exact) <= max(2 * max_rel_error(model(x), exact), 1e-5)
+
+
 def test_other_activations_and_dropout_stay_with_the_reason():
-    model = nn.Sequential(ConvNormAct(3, 8, 1, BatchNormAct2d(8, act_layer=nn.GELU)),
+    model = nn.Sequential(ConvNormAct(3, 8, 1, BatchNormAct2d(8, act_layer=nn.Mish)),
                           ConvNormAct(8, 8, 1, BatchNormAct2d(8, drop_layer=nn.Dropout)))
     model = randomize_batch_norms(model, torch.Generator().manual_seed(4)).eval()
     converted, report = resnet_fused.convert(model, backend="reference", report=True)
     assert report.convs_fused == 0
     reasons = dict(report.unfused)
-    assert reasons["0.bn"] == ("BatchNormAct2d applies GELU (a fused conv applies nn.ReLU, ReLU6, Hardtanh, "
-                               "LeakyReLU, SiLU, Hardswish or nothing)")
+    assert reasons["0.bn"] == ("BatchNormAct2d applies Mish (a fused conv applies nn.ReLU, ReLU6, Hardtanh, "
+                               "LeakyReLU, SiLU, Hardswish, GELU or nothing)")
     assert reasons["1.bn"] == "BatchNormAct2d applies Dropout before its activation"
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Every activation (identity, ReLU, Hardtanh/ReLU6, LeakyReLU, SiLU, Hardswish) in every fused op
+"""Every activation (identity, ReLU, Hardtanh/ReLU6, LeakyReLU, SiLU, Hardswish, GELU exact and
+tanh) in every fused op
 and backend, against the unfused PyTorch modules: the spec (ops/activation.py), inference and
 training on reference / triton (interpreter) / cpu, float64 gradcheck, fp16/bf16 by the 2x rule,
 NaN propagation, the fused module, and the cuda backend's plan (which kinds a CUTLASS epilogue
@@ -32,6 +33,8 @@ MODULES = {
     "leaky-neg": nn.LeakyReLU(-0.3),  # a negative slope: the output no longer tells z's sign
     "silu": nn.SiLU(),
     "hardswish": nn.Hardswish(),
+    "gelu": nn.GELU(),
+    "gelu-tanh": nn.GELU(approximate="tanh"),
 }
 ACTS = {name: Activation.from_module(module) for name, module in MODULES.items()}
 WITH_RESIDUAL = [name for name, act in ACTS.items() if not act.needs_preactivation]
@@ -74,7 +77,8 @@ def test_from_module_recognizes_exact_types_only():
     assert ACTS["relu6"] == Activation(Kind.HARDTANH, 0.0, 6.0) == Activation.from_module(nn.Hardtanh(0.0, 6.0))
     assert ACTS["leaky"] == Activation(Kind.LEAKY_RELU, 0.2)
     assert Activation.from_module(nn.ReLU(inplace=True)) == RELU
-    assert Activation.from_module(nn.GELU()) is None
+    assert Activation.from_module(nn.GELU(approximate="tanh")) == Activation(Kind.GELU_TANH)
+    assert Activation.from_module(nn.Mish()) is None
     assert Activation.from_module(type("MyReLU", (nn.ReLU,), {})()) is None  # a subclass may compute anything
     hooked = nn.SiLU()
     hooked.register_forward_hook(lambda *a: None)
@@ -112,8 +116,8 @@ def test_relu_and_act_side_by_side():
         resolve(nn.SiLU(), True, "f")
     with pytest.raises(TypeError, match="f: relu must be a bool"):
         resolve(None, 1, "f")
-    with pytest.raises(ValueError, match="f: GELU is not a fusable activation"):
-        resolve(nn.GELU(), None, "f")
+    with pytest.raises(ValueError, match="f: Mish is not a fusable activation"):
+        resolve(nn.Mish(), None, "f")
     with pytest.raises(TypeError, match="f: act must be an Activation"):
         resolve("silu", None, "f")
 
@@ -122,12 +126,13 @@ def test_relu_and_act_side_by_side():
 def test_cpp_ops_refuse_an_unknown_code(op):
     x, weight, _, bn, _, _ = operands(SHAPES["3x3"])
     ops = torch.ops.resnet_fused
-    with pytest.raises(RuntimeError, match=rf"{op}: unknown activation code 6; known: 0 \(identity\), 1 \(ReLU\)"):
+    unknown = len(Kind)
+    with pytest.raises(RuntimeError, match=rf"{op}: unknown activation code {unknown}; known: 0 \(identity\), 1 \(ReLU\)"):
         if op == "conv_bn_act":
             ops.conv_bn_act(x, weight, None, None, None, bn.running_mean, bn.running_var, 1e-5, None, [1, 1], [1, 1],
-                            [1, 1], 1, 6, 0.0, 0.0)
+                            [1, 1], 1, unknown, 0.0, 0.0)
         else:
-            ops.bn_act_apply(x, x.mean((0, 2, 3)), x.var((0, 2, 3)), None, None, 1e-5, None, 6, 0.0, 0.0)
+            ops.bn_act_apply(x, x.mean((0, 2, 3)), x.var((0, 2, 3)), None, None, 1e-5, None, unknown, 0.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -343,7 +348,8 @@ def test_cuda_plan_routes_non_clamp_kinds_off_sm90(name):
         assert hopper["kernel"].startswith("sm90_")
     else:
         assert hopper["kernel"] is None
-        kind = {Kind.LEAKY_RELU: "LeakyReLU", Kind.SILU: "SiLU", Kind.HARDSWISH: "Hardswish"}[ACTS[name].kind]
+        kind = {Kind.LEAKY_RELU: "LeakyReLU", Kind.SILU: "SiLU", Kind.HARDSWISH: "Hardswish", Kind.GELU: "GELU",
+                Kind.GELU_TANH: "GELU (tanh)"}[ACTS[name].kind]
         why = f"activation {kind}: the sm90 epilogue applies clamps only (identity, ReLU, Hardtanh)"
         assert hopper["reason"] == why
     ampere = plan(**args, capability=(8, 0), sm_count=108, sm90a=True, sm80_cubins=[80, 90])
@@ -352,5 +358,5 @@ def test_cuda_plan_routes_non_clamp_kinds_off_sm90(name):
 
 @pytest.mark.skipif(not _extension.has_cpu_ops(), reason=f"extension not built: {_extension.LOAD_ERROR}")
 def test_cuda_plan_refuses_an_unknown_code():
-    with pytest.raises(ValueError, match="unknown activation code 7"):
-        _extension._C.cuda_conv_plan([8, 64, 56, 56], [64, 64, 3, 3], act=7)
+    with pytest.raises(ValueError, match=f"unknown activation code {len(Kind)}"):
+        _extension._C.cuda_conv_plan([8, 64, 56, 56], [64, 64, 3, 3], act=len(Kind))

@@ -22,7 +22,7 @@ from resnet_fused.norm_act import bn_act_train
 from resnet_fused.ops.activation import Activation, Kind
 
 ACTS = [Activation(Kind.RELU), Activation(Kind.SILU), Activation(Kind.HARDTANH, -0.5, 1.5),
-        Activation(Kind.LEAKY_RELU, 0.1), Activation(Kind.HARDSWISH)]
+        Activation(Kind.LEAKY_RELU, 0.1), Activation(Kind.HARDSWISH), Activation(Kind.GELU)]
 
 
 def batch_norm(k: int, seed: int, momentum=0.1, affine=True, track=True) -> nn.BatchNorm2d:
@@ -159,7 +159,7 @@ def test_refuses_what_it_cannot_replace():
     with pytest.raises(TypeError, match="replaces a BatchNorm2d"):
         FusedBatchNormAct2d(nn.SyncBatchNorm(3), Activation(Kind.RELU))
     with pytest.raises(ValueError, match="not a fusable activation"):
-        FusedBatchNormAct2d(nn.BatchNorm2d(3), nn.GELU())
+        FusedBatchNormAct2d(nn.BatchNorm2d(3), nn.Mish())
     with pytest.raises(ValueError, match="unknown backend"):
         FusedBatchNormAct2d(nn.BatchNorm2d(3), nn.ReLU(), "cudnn")
 
