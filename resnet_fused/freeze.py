@@ -54,7 +54,7 @@ from . import backends
 from .ops.activation import Kind
 from .convert import convert
 from .nn import (FOLDED, FusedBasicBlock, FusedBottleneck, FusedConv2d, has_hooks,
-                 is_plain_conv)
+                 is_plain_conv, numeric_padding)
 
 FREEZE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -181,7 +181,7 @@ class FrozenConv2d(nn.Module):
                     shift = shift + bn.bias.detach().double()
                 w = w * scale.view(-1, 1, 1, 1)
                 b = b * scale + shift
-        return cls(w, b, conv.stride, conv.padding, conv.dilation, conv.groups, relu, dtype)
+        return cls(w, b, conv.stride, numeric_padding(conv), conv.dilation, conv.groups, relu, dtype)
 
     def packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         packed = self._packed.get(input_shape)
@@ -414,7 +414,9 @@ def _freeze_convs(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     def frozen(child: nn.Module) -> nn.Module | None:
         # FrozenConv2d applies ReLU or nothing; other activations stay with the fused conv.
-        frozen_act = isinstance(child, FusedConv2d) and child.act.kind in (Kind.IDENTITY, Kind.RELU)
+        # A TF-style "same" conv pads by the input's size on each call: it stays fused, unfrozen.
+        frozen_act = (isinstance(child, FusedConv2d) and child.act.kind in (Kind.IDENTITY, Kind.RELU)
+                      and not child.same_padding)
         if frozen_act and child.folded_bn.running_mean is not None:
             return FrozenConv2d.from_conv(child, child.folded_bn, child.relu, dtype)
         if is_plain_conv(child):

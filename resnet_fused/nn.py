@@ -18,6 +18,7 @@ import copy
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from . import backends, functional, tuning
@@ -204,19 +205,24 @@ class FusedConv2d(nn.Conv2d):
         if not isinstance(bn, FOLDED):
             raise TypeError("FusedConv2d needs the FoldedBatchNorm2d/FoldedSyncBatchNorm/FoldedFrozenBatchNorm2d that "
                             "now holds the BatchNorm's state")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("FusedConv2d supports zero padding given as numbers, not padding_mode/'same'")
+        padding = numeric_padding(conv)
+        if padding is None:
+            raise ValueError("FusedConv2d supports zero padding that is the same on both sides (numbers, 'valid', or "
+                             f"'same' with an odd dilated kernel), not padding={conv.padding!r}, "
+                             f"padding_mode={conv.padding_mode!r}")
         if bn.num_features != conv.out_channels:
             raise ValueError(f"BatchNorm2d has {bn.num_features} features but the conv has {conv.out_channels} outputs")
         backends.check_backend_name(backend)
         activation = resolve(act, relu, "FusedConv2d")
         super().__init__(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
             conv.dilation, conv.groups, conv.bias is not None, device="meta",
         )
         self.weight = conv.weight
         self.bias = conv.bias
         self.train(conv.training)
+        # timm's Conv2dSame: the input is padded by its size first (pad_same), as it did.
+        self.same_padding = type(conv) is timm_same_conv_type()
         # A plain attribute, not a submodule: the BatchNorm's state is registered (and saved)
         # once, in its original slot.
         object.__setattr__(self, "folded_bn", bn)
@@ -241,16 +247,20 @@ class FusedConv2d(nn.Conv2d):
         # A module pickled before activations existed holds relu, not act.
         if "act" not in state:
             state["act"] = RELU if state.pop("relu", True) else IDENTITY
+        state.setdefault("same_padding", False)
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
+        base = super().extra_repr() + (", same_padding=True" if self.same_padding else "")
         if self.act.kind in (Kind.IDENTITY, Kind.RELU):
-            return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend!r}"
-        return f"{super().extra_repr()}, act={self.act}, backend={self.backend!r}"
+            return f"{base}, relu={self.relu}, backend={self.backend!r}"
+        return f"{base}, act={self.act}, backend={self.backend!r}"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(x, fx.Proxy) or isinstance(residual, fx.Proxy):
             return self._record(x, residual)
+        if self.same_padding:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         bn = self.folded_bn
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):
@@ -385,13 +395,46 @@ def has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
+def numeric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The conv's zero padding as numbers: ``padding='valid'`` is 0, and ``'same'`` (stride 1,
+    PyTorch's rule) is half the dilated kernel's reach where that is even on both sides; None
+    where the padding is asymmetric ('same' with an even reach) or not zeros."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        reach = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return None if any(r % 2 for r in reach) else (reach[0] // 2, reach[1] // 2)
+    return tuple(conv.padding)
+
+
 def is_plain_conv(module: nn.Module) -> bool:
-    return (
-        type(module) is nn.Conv2d
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-        and not has_hooks(module)
-    )
+    return type(module) is nn.Conv2d and numeric_padding(module) is not None and not has_hooks(module)
+
+
+def timm_same_conv_type() -> type | None:
+    """timm's Conv2dSame (TensorFlow's "SAME": padded by the input's size on each call, the extra
+    row or column at the end) if timm's module is loaded; looked up, not imported."""
+    return getattr(sys.modules.get("timm.layers.conv2d_same"), "Conv2dSame", None)
+
+
+def is_fusible_conv(module: nn.Module) -> bool:
+    """A plain conv, or timm's Conv2dSame (exactly; zero padding, no hooks), whose forward is
+    ``pad_same`` then a conv without padding: ``FusedConv2d(same_padding=True)``."""
+    if type(module) is not nn.Conv2d and type(module) is not timm_same_conv_type():
+        return False
+    return numeric_padding(module) is not None and not has_hooks(module)
+
+
+def pad_same(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+    """``x`` zero-padded as TensorFlow's "SAME" (and timm's ``pad_same``): per side,
+    max((⌈n/s⌉ − 1)·s + (k − 1)·d + 1 − n, 0) in all, half before (rounded down), the rest after."""
+    pads = []
+    for n, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads) if any(pads) else x
 
 
 def is_plain_batch_norm(module: nn.Module) -> bool:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn import (FusedConv2d, can_fold, folded_activation, fuse_conv_bn, has_hooks, is_fusible_norm, is_plain_conv,
-                  norm_act_activation, norm_features)
+from ..nn import (FusedConv2d, can_fold, folded_activation, fuse_conv_bn, has_hooks, is_fusible_conv, is_fusible_norm,
+                  norm_act_activation, norm_features, numeric_padding, timm_same_conv_type)
 from ..ops.activation import IDENTITY, RELU, Activation
 from .tracing import Traces, activation_of, is_noop, leaves, single_user
 
@@ -31,10 +31,11 @@ def is_norm(module: nn.Module) -> bool:
 
 def conv_why_not(conv: nn.Conv2d, shared: set[int]) -> str | None:
     """Why this conv module can never be fused, whatever its forward does; None if it can."""
-    if type(conv) is not nn.Conv2d:
+    if type(conv) is not nn.Conv2d and type(conv) is not timm_same_conv_type():
         return f"{type(conv).__name__} is not a plain nn.Conv2d (it may compute something else)"
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return f"padding {conv.padding!r} / padding_mode={conv.padding_mode!r}: only numeric zero padding is fused"
+    if numeric_padding(conv) is None:
+        return (f"padding {conv.padding!r} / padding_mode={conv.padding_mode!r}: only zero padding the same on both "
+                "sides is fused")
     if has_hooks(conv):
         return "has hooks, which a fused op would not call"
     if id(conv) in shared:
@@ -66,9 +67,9 @@ def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[
 
     found, why_not = {}, {}
     for node in graph.nodes:
-        if node.op != "call_module" or not is_plain_conv(parent.get_submodule(node.target)):
+        if node.op != "call_module" or not is_fusible_conv(parent.get_submodule(node.target)):
             continue
-        if not called_once(node, is_plain_conv):
+        if not called_once(node, is_fusible_conv):
             why_not[node.target] = f"called {calls[node.target]} times (or with extra arguments) in the forward of " \
                                    f"{type(parent).__name__}"
             continue

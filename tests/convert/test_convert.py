@@ -336,3 +336,55 @@ def test_a_forward_that_inspects_its_folded_relu_slot_takes_the_same_branch():
     with torch.no_grad():
         assert max_rel_error(converted(x), model(x)) < 1e-5
         assert max_rel_error(copy.deepcopy(converted)(x), model(x)) < 1e-5
+
+
+class StringPadding(nn.Module):
+    """padding='same' and 'valid': numbers where both sides get the same (a 3x3, a 3x3 with
+    dilation 2); 'same' with a 2x2 kernel pads one side only and stays unfused."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.BatchNorm2d(4), nn.ReLU())
+        self.dilated = nn.Sequential(nn.Conv2d(4, 4, 3, padding="same", dilation=2), nn.BatchNorm2d(4))
+        self.valid = nn.Sequential(nn.Conv2d(4, 5, 3, padding="valid"), nn.BatchNorm2d(5))
+        self.even = nn.Sequential(nn.Conv2d(5, 5, 2, padding="same"), nn.BatchNorm2d(5))
+
+    def forward(self, x):
+        return self.even(self.valid(self.dilated(self.same(x))))
+
+
+def test_string_padding_fuses_where_it_is_symmetric():
+    model = build(StringPadding, 12).eval()
+    converted, report = resnet_fused.convert(model, backend="reference", report=True)
+    assert [tuple(converted.get_submodule(n)[0].padding) for n in ("same", "dilated", "valid")] == [
+        (1, 1), (2, 2), (0, 0)]
+    assert all(isinstance(converted.get_submodule(n)[0], FusedConv2d) for n in ("same", "dilated", "valid"))
+    assert type(converted.even[0]) is nn.Conv2d
+    assert "only zero padding the same on both sides is fused" in dict(report.unfused)["even.0"]
+    x = torch.randn(2, 3, 11, 12)
+    with torch.no_grad():
+        assert max_rel_error(converted(x), model(x)) < 1e-5
+        assert max_rel_error(resnet_fused.freeze(model)(x), model(x)) < 1e-4  # frozen with the numbers
+
+
+def test_timm_same_padding_convs_fuse_with_their_dynamic_padding():
+    """timm's Conv2dSame pads by the input's size on each call (TensorFlow's SAME: the odd extra
+    row or column after): fused, it pads the same way; odd and even sizes, strides 1 and 2, a
+    dilation; and freeze leaves it fused (its padding is not a constant)."""
+    conv2d_same = pytest.importorskip("timm.layers.conv2d_same")
+
+    def build_model():
+        return nn.Sequential(conv2d_same.Conv2dSame(3, 6, 3, stride=2), nn.BatchNorm2d(6), nn.SiLU(),
+                             conv2d_same.Conv2dSame(6, 6, 4, dilation=2, groups=3), nn.BatchNorm2d(6))
+
+    model = build(build_model, 13).eval()
+    converted, report = resnet_fused.convert(model, backend="reference", report=True)
+    assert report.convs_fused == 2 and converted[0].same_padding and converted[3].same_padding
+    assert list(converted.state_dict()) == list(model.state_dict())
+    for size in ((11, 12), (16, 16), (7, 9)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            assert max_rel_error(converted(x), model(x)) < 1e-5
+    frozen = resnet_fused.freeze(model)
+    x = torch.randn(2, 3, 11, 12)
+    assert isinstance(frozen.model[0], FusedConv2d) and max_rel_error(frozen(x), model(x)) < 1e-4
