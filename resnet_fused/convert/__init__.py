@@ -75,12 +75,14 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         _replace_blocks(model, blocks, shared, backend)
         traces = Traces()
         for name, parent in list(model.named_modules()):
-            for target, reason in fuse_chains(parent, shared, backend, traces).items():
+            outer = traces.seen_by_ancestors(model, name)
+            for target, reason in fuse_chains(parent, shared, backend, traces, outer).items():
                 # The outermost forward that calls the conv says why (it traces through the
-                # Sequentials below it); a later pass over one of those may still fuse it.
+                # Sequentials below it); a later pass over one of those may still fuse it, if
+                # that forward could not be traced.
                 conv_reasons.setdefault(_join(name, target), reason)
-        for parent in list(model.modules()):
-            fuse_norm_acts(parent, shared, backend, traces)
+        for name, parent in list(model.named_modules()):
+            fuse_norm_acts(parent, shared, backend, traces, traces.seen_by_ancestors(model, name))
         for name, block in list(model.named_modules()):
             if may_hold_residual(block):
                 residual_misses += [(_join(name, target), reason) for target, reason in fuse_residuals(block, traces)]

@@ -94,6 +94,15 @@ def _chains(parent: nn.Module, graph: fx.Graph, shared: set[int]) -> tuple[dict[
     return found, why_not
 
 
+def disagreeing_modes(parent: nn.Module, act: Activation, own: str | None, other_act: Activation,
+                      other_own: str | None) -> tuple[Activation, None]:
+    """The activation to fuse when eval and train mode show different ones after a BatchNorm: a
+    ReLU both apply may still fold with both modules left to run (idempotent), unless one works
+    in place (it would overwrite the fused output autograd keeps for the mask); otherwise none."""
+    in_place = any(getattr(parent.get_submodule(t), "inplace", False) for t in (own, other_own) if t)
+    return (RELU, None) if act == other_act == RELU and not in_place else (IDENTITY, None)
+
+
 def module_calls(graph: fx.Graph) -> Counter:
     """How many times the trace calls each module target."""
     return Counter(node.target for node in graph.nodes if node.op == "call_module")
@@ -144,9 +153,11 @@ def activation_after(bn_node: fx.Node, parent: nn.Module, calls: Counter,
     return act, own if act != IDENTITY else None
 
 
-def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Traces) -> dict[str, str]:
+def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Traces,
+                outer: set[int] = frozenset()) -> dict[str, str]:
     """Fuse the chains the parent's forward shows in both modes; returns, for each conv module
-    it calls and leaves alone (a target under ``parent``), why."""
+    it calls and leaves alone (a target under ``parent``), why. ``outer``: ids of the modules an
+    enclosing forward's trace calls (``Traces.seen_by_ancestors``), whose verdict stands."""
     convs = {name: m for name, m in leaves(parent) if isinstance(m, nn.Conv2d) and not isinstance(m, FusedConv2d)}
     why_not = {name: reason for name, m in convs.items() if (reason := conv_why_not(m, shared)) is not None}
     if len(why_not) == len(convs):
@@ -166,11 +177,12 @@ def fuse_chains(parent: nn.Module, shared: set[int], backend: str, traces: Trace
         if other is None or other[0] != bn_name:
             why_not.setdefault(conv_name, "its forward feeds it to a BatchNorm in one mode only (train or eval)")
             continue
+        if any(id(parent.get_submodule(t)) in outer for t in (conv_name, bn_name, own_act, other[2]) if t):
+            why_not.setdefault(conv_name, "an enclosing forward calls these modules itself (see its line)")
+            continue
         why_not.pop(conv_name, None)
         if (act, own_act) != other[1:]:
-            # The modes disagree: a ReLU both apply may still fold with its module left to run
-            # (idempotent); anything else runs unfused after the fused conv + BN.
-            act, own_act = (RELU, None) if act == other[1] == RELU else (IDENTITY, None)
+            act, own_act = disagreeing_modes(parent, act, own_act, *other[1:])
         fused_conv, folded_bn = fuse_conv_bn(parent.get_submodule(conv_name), parent.get_submodule(bn_name),
                                              backend=backend, act=act)
         set_submodule(parent, conv_name, fused_conv)

@@ -19,13 +19,16 @@ from torch import fx, nn
 
 from ..nn import folded_activation, has_hooks, is_plain_batch_norm, norm_act_activation, timm_norm_act_types
 from ..norm_act import FusedBatchNormAct2d
-from ..ops.activation import IDENTITY, RELU, Activation
-from .chains import activation_after, is_called_once, module_calls, set_submodule
+from ..ops.activation import IDENTITY, Activation
+from .chains import activation_after, disagreeing_modes, is_called_once, module_calls, set_submodule
 from .tracing import Traces, leaves
 
 
-def fuse_norm_acts(parent: nn.Module, shared: set[int], backend: str, traces: Traces) -> None:
-    """Fuse, in ``parent``'s own slots, the BatchNorm + activation pairs described above."""
+def fuse_norm_acts(parent: nn.Module, shared: set[int], backend: str, traces: Traces,
+                   outer: set[int] = frozenset()) -> None:
+    """Fuse, in ``parent``'s own slots, the BatchNorm + activation pairs described above.
+    ``outer`` as in ``chains.fuse_chains``: a plain pair an enclosing forward calls stays (a
+    BatchNormAct2d computes the same whoever calls it)."""
     norm_act = timm_norm_act_types().get("BatchNormAct2d")
     plain = []
     for name, module in parent.named_children():
@@ -44,13 +47,12 @@ def fuse_norm_acts(parent: nn.Module, shared: set[int], backend: str, traces: Tr
     found = [_activations(parent, graph, shared, set(plain)) for graph in graphs]
     for bn_name, (act, own) in found[0].items():
         other = found[1].get(bn_name)
-        if other is None:
+        if other is None or any(id(parent.get_submodule(t)) in outer for t in (bn_name, own, other[1]) if t):
             continue
         if (act, own) != other:
-            # The modes disagree: a ReLU both apply may still fold with its module left to run.
-            if not (act == other[0] == RELU):
+            act, own = disagreeing_modes(parent, act, own, *other)
+            if act == IDENTITY:
                 continue
-            own = None
         set_submodule(parent, bn_name, FusedBatchNormAct2d(parent.get_submodule(bn_name), act, backend))
         if own is not None:
             set_submodule(parent, own, folded_activation(parent.get_submodule(own)))

@@ -96,6 +96,7 @@ def _lone_reason(pairs_with_activation: bool) -> str:
     """Why a norm that no conv feeds stays: only BatchNorm2d and BatchNormAct2d pair with the
     activation after them (FusedBatchNormAct2d)."""
     if pairs_with_activation:
-        return ("no conv feeds it directly and no activation follows it (in both modes, its output used only "
-                "there), or its parent's forward cannot be traced")
+        return ("no conv feeds it directly and no activation follows it that a fused op applies (in both modes, "
+                "its output used only there, as a module it can fold), or its parent's forward cannot be traced "
+                "or calls it another way")
     return "no conv feeds it directly (a synchronized or frozen norm is fused only after a conv)"

@@ -232,6 +232,29 @@ class Traces:
         self._keep: list[nn.Module] = []  # ids stay unique while the conversion runs
         self.verdicts: dict[int, bool] = {}  # residual._writes_nothing, by module id
 
+    def seen_by_ancestors(self, root: nn.Module, name: str) -> set[int]:
+        """Ids of the modules inside the module at ``name`` (under ``root``) that the trace of an
+        enclosing forward calls: one that reaches inside it, through plain Sequentials only.
+        Such a forward may call them itself, not through this module (``for layer in
+        self.features: outs.append(x := layer(x))``, ``self.features[0](x)``), and the chain it
+        shows, or refused, is the one that runs: a pass over the inner Sequential alone must not
+        fuse them. (An enclosing forward that cannot be traced shows nothing.)"""
+        parts = name.split(".") if name else []
+        seen: set[int] = set()
+        for depth in range(len(parts), 0, -1):
+            try:
+                inner = root.get_submodule(".".join(parts[:depth]))
+            except AttributeError:  # inside a module an earlier pass replaced: no longer in the model
+                return seen
+            if type(inner) is not nn.Sequential or has_hooks(inner):
+                break  # a leaf in every enclosing trace
+            ancestor = root.get_submodule(".".join(parts[:depth - 1]))
+            for graph in self.of(ancestor):
+                for node in graph.nodes if graph is not None else ():
+                    if node.op == "call_module":
+                        seen.add(id(ancestor.get_submodule(node.target)))
+        return seen
+
     def of(self, module: nn.Module) -> tuple[fx.Graph | None, fx.Graph | None]:
         if id(module) not in self._graphs:
             self._graphs[id(module)] = (trace_in_mode(module, False), trace_in_mode(module, True))

@@ -142,7 +142,7 @@ def test_pairs_the_forward_does_not_show_in_both_modes_stay():
     assert report.norm_acts_fused == 0
     assert not any(isinstance(m, FusedBatchNormAct2d) for m in converted.modules())
     reasons = dict(report.unfused)
-    assert "no activation follows it" in reasons["bn_mode"]
+    assert "no activation follows it that a fused op applies" in reasons["bn_mode"]
     assert "synchronized or frozen" in reasons["bn_sync"]
 
 
@@ -172,3 +172,61 @@ def test_timm_batch_norm_act_after_a_concat():
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         assert max_rel_error(converted(x), model(x)) < 1e-5
+
+
+class Taps(nn.Module):
+    """A forward that calls its Sequential's layers one by one and keeps every output (feature
+    taps, perceptual losses): the Sequential alone shows BN → ReLU and conv → BN → ReLU chains,
+    but the BatchNorm's and the conv's own outputs are used too."""
+
+    def __init__(self, features: nn.Sequential):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x):
+        outs = []
+        for layer in self.features:
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+@pytest.mark.parametrize("features", [
+    lambda: nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3)),
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+], ids=["bn-relu", "conv-bn-relu"])
+def test_an_enclosing_forward_that_calls_the_layers_itself_keeps_them(features):
+    model = _randomized(lambda: Taps(features()), 8).eval()
+    converted, report = resnet_fused.convert(copy.deepcopy(model), backend="reference", report=True)
+    assert not any(isinstance(m, (FusedBatchNormAct2d, FusedConv2d)) for m in converted.modules())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for a, b in zip(model(x), converted(x)):
+            assert torch.equal(a, b)
+
+
+class InPlaceByMode(nn.Module):
+    """A different in-place ReLU module after the BatchNorm in each mode: both stay and run,
+    and neither may then overwrite the fused output autograd keeps for the ReLU mask."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1) if conv else nn.Identity()
+        self.bn, self.relu_train, self.relu_eval = nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.relu_train(y) if self.training else self.relu_eval(y)
+
+
+@needs_extension
+@pytest.mark.parametrize("conv", [False, True], ids=["bn", "conv-bn"])
+def test_in_place_relus_that_differ_by_mode_are_not_folded(conv):
+    model = _randomized(lambda: InPlaceByMode(conv), 9).train()
+    converted = resnet_fused.convert(copy.deepcopy(model), backend="cpu").train()
+    assert not isinstance(converted.bn, FusedBatchNormAct2d)
+    if conv:
+        assert converted.conv.act.kind == Kind.IDENTITY
+    x = torch.randn(3, 4, 5, 5)
+    grads = [torch.autograd.grad(m(x.clone().requires_grad_()).sum(), m.bn.weight)[0] for m in (model, converted)]
+    assert max_rel_error(grads[1], grads[0]) < 1e-5

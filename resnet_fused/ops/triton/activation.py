@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 # GELU's constants below are csrc/epilogue.h's: 1/√2 = 0.7071..., 1/√(2π) = 0.3989...,
-# √(2/π) = 0.7978..., and the tanh form's cubic coefficient 0.044715.
+# √(2/π) = 0.7978..., and the tanh form's cubic coefficient κ = 0.044715; u = √(2/π)·(z + κz³).
 
 
 @triton.jit
@@ -27,12 +27,6 @@ def _erf(x):
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
     e = 1.0 - poly * tl.exp(-ax * ax)
     return tl.where(x < 0.0, -e, e)
-
-
-@triton.jit
-def _tanh(u):
-    # 1 − 2/(1 + e^{2u}): ±1 where e^{2u} overflows or vanishes (Triton has no portable tanh).
-    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
 
 
 @triton.jit
@@ -57,7 +51,9 @@ def act(z, KIND: tl.constexpr, a, b):
     elif KIND == 6:
         z = z * 0.5 * (1.0 + _erf(z * 0.7071067811865476))
     elif KIND == 7:
-        z = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        # 0.5·z·(1 + tanh(u)) = z·σ(2u): no 1 + tanh(u) → 0 cancellation for negative z, and no
+        # tanh (Triton has no portable one).
+        z = z / (1.0 + tl.exp(-2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)))
     return z
 
 
@@ -81,6 +77,8 @@ def act_grad(g, v, KIND: tl.constexpr, a, b):
         cdf = 0.5 * (1.0 + _erf(v * 0.7071067811865476))
         g = g * (cdf + v * 0.3989422804014327 * tl.exp(-0.5 * v * v))
     elif KIND == 7:
-        t = _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))
-        g = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v))
+        # With s = σ(2u) = (1 + tanh u)/2: 1 − tanh²u = 4s(1 − s), so the derivative is
+        # s + 2v·s(1 − s)·√(2/π)·(1 + 3κv²).
+        s = 1.0 / (1.0 + tl.exp(-2.0 * 0.7978845608028654 * (v + 0.044715 * v * v * v)))
+        g = g * (s + 2.0 * v * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v))
     return g
