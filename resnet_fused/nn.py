@@ -18,7 +18,6 @@ import copy
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from . import backends, functional, tuning
@@ -28,7 +27,7 @@ from .ops.shapes import output_size
 from .sync_batch_norm import sync_group_size
 
 
-def _share_state(folded: nn.Module, bn: nn.Module) -> None:
+def share_state(folded: nn.Module, bn: nn.Module) -> None:
     """Make ``folded`` hold the very slots of ``bn``, None entries included:
     BatchNorm2d(bias=False) has a weight and no bias, which the constructor cannot express on
     every torch version."""
@@ -46,7 +45,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, bn: nn.BatchNorm2d):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
-        _share_state(self, bn)
+        share_state(self, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -59,7 +58,7 @@ class FoldedSyncBatchNorm(nn.SyncBatchNorm):
     def __init__(self, bn: nn.SyncBatchNorm):
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                          bn.process_group, device="meta")
-        _share_state(self, bn)
+        share_state(self, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -82,7 +81,7 @@ class FoldedFrozenBatchNorm2d(nn.Module):
     def __init__(self, bn: nn.Module):
         super().__init__()
         self.eps = bn.eps
-        _share_state(self, bn)
+        share_state(self, bn)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # As FrozenBatchNorm2d: a BatchNorm2d checkpoint's num_batches_tracked is dropped.
@@ -260,6 +259,8 @@ class FusedConv2d(nn.Conv2d):
         if isinstance(x, fx.Proxy) or isinstance(residual, fx.Proxy):
             return self._record(x, residual)
         if self.same_padding:
+            from timm.layers.padding import pad_same  # the Conv2dSame it replaced came from there
+
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         bn = self.folded_bn
         weight, bias = self.weight, self.bias
@@ -425,16 +426,6 @@ def is_fusible_conv(module: nn.Module) -> bool:
     if type(module) is not nn.Conv2d and type(module) is not timm_same_conv_type():
         return False
     return numeric_padding(module) is not None and not has_hooks(module)
-
-
-def pad_same(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
-    """``x`` zero-padded as TensorFlow's "SAME" (and timm's ``pad_same``): per side,
-    max((⌈n/s⌉ − 1)·s + (k − 1)·d + 1 − n, 0) in all, half before (rounded down), the rest after."""
-    pads = []
-    for n, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
-        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads) if any(pads) else x
 
 
 def is_plain_batch_norm(module: nn.Module) -> bool:

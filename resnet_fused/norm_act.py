@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from . import backends, tuning
+from .nn import share_state
 from .ops import fakes, reference
 from .ops.activation import Activation, Kind, resolve
 from .ops.shapes import acc_dtype, output_memory_format
@@ -101,10 +102,7 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
             raise TypeError(f"FusedBatchNormAct2d replaces a BatchNorm2d, got {type(bn).__name__}")
         backends.check_backend_name(backend)
         super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
-        self._parameters = dict(bn._parameters)
-        self._buffers = dict(bn._buffers)
-        self._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
-        self.train(bn.training)
+        share_state(self, bn)
         self.act = resolve(act, None, "FusedBatchNormAct2d")
         self.backend = backend
 
@@ -123,7 +121,6 @@ class FusedBatchNormAct2d(nn.BatchNorm2d):
                 or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type)):
             # float64 has no fused kernel; under autocast the unfused BatchNorm decides the dtype.
             return self._unfused(x)
-        self._check_input_dim(x)
         if self.backend == "auto" and not torch.compiler.is_compiling() and tuning.enabled():
             backend = self._measured_backend(x, backend)
             if backends.get(backend).is_reference:
