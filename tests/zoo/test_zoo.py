@@ -1,8 +1,7 @@
 """convert() across the model zoo (resnet_fused/bench/zoo.py), model by model: eval outputs at two
 sizes, the state_dict, no new exceptions, and one training step against float64.
 
-``test_subset`` (zoo.ZOO_SUBSET, 25 architectures, the cpu backend; training on the reference
-backend) and ``test_triton_interpreted``
+``test_subset`` (zoo.ZOO_SUBSET, 25 architectures, the cpu backend) and ``test_triton_interpreted``
 (eval only: the interpreter runs every conv launch in Python) run by default.
 ``test_full_sweep`` covers one architecture per torchvision/timm family (about 230; hours on 2
 cores, and listing timm's families alone takes minutes), so it is marked ``zoo`` and only
@@ -12,6 +11,8 @@ parametrized when selected:
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -67,11 +68,9 @@ def assert_agrees(row: dict) -> None:
 
 @pytest.mark.parametrize("name", zoo.ZOO_SUBSET)
 def test_subset(name):
-    # Eval through the fused C++ kernels; the training step on the reference backend, whose unit
-    # is eager PyTorch's arithmetic: the rewrite is judged exactly, where the kernels' own
-    # rounding flips ReLU masks of these deep networks (zoo.TRAIN_MIN_SIZE; the op tests judge
-    # the kernels' gradients).
-    row = zoo.check_model(name, backend="cpu", train_backend="reference")
+    # Eval and a training step through the fused C++ kernels, each judged against float64
+    # (training: a float64 copy that takes the fp32 run's ReLU masks and max pool picks).
+    row = zoo.check_model(name, backend="cpu")
     assert_agrees(row)
     assert row["bn_total"] > 0, "every zoo model has BatchNorms"
 
@@ -84,8 +83,10 @@ def test_triton_interpreted(name):
 
 
 @pytest.mark.zoo
-def test_full_sweep(full_name):
-    assert_agrees(zoo.check_model(full_name, backend="cpu", train_backend="reference"))
+def test_full_sweep(full_name, record_property):
+    row = zoo.check_model(full_name, backend="cpu")
+    record_property("row", json.dumps(row))  # the table, from pytest --junitxml
+    assert_agrees(row)
 
 
 def test_problems_names_each_disagreement():
@@ -117,6 +118,30 @@ def test_a_kernel_off_by_a_thousandth_is_caught(monkeypatch):
         "cpu", record.runs_on, record.why_not, off, record.kernels))
     row = zoo.check_model("torchvision:resnet18", backend="cpu", train=False)
     assert row["equal_eval"] is False and row["eval_ratio"] > 10, row
+
+
+def test_a_training_kernel_off_by_a_ten_thousandth_is_caught(monkeypatch):
+    """The training judge (float64 copies taking each fp32 run's ReLU masks) passes the fused
+    C++ kernels on resnet18 and fails them once the BatchNorm backward's dy is 1e-4 off."""
+    import dataclasses
+
+    from resnet_fused import backends
+
+    record = backends.REGISTRY["cpu"]
+    assert zoo.check_model("torchvision:resnet18", backend="cpu")["equal_train"] is True
+
+    def kernels():
+        exact = record.kernels()
+
+        def off(*args):
+            dy, d_residual = exact.backward_apply(*args)
+            return dy * (1 + 1e-4), d_residual
+
+        return dataclasses.replace(exact, backward_apply=off)
+
+    monkeypatch.setitem(backends.REGISTRY, "cpu", dataclasses.replace(record, kernels=kernels))
+    row = zoo.check_model("torchvision:resnet18", backend="cpu")
+    assert row["equal_eval"] is True and row["equal_train"] is False and row["train_ratio"] > 2, row
 
 
 class _Conv(torch.nn.Module):
