@@ -19,6 +19,7 @@ from .nn import (
     FusedBottleneck,
     FusedConv2d,
 )
+from .linear_norm import FusedLinearNorm
 from .norm_act import FusedBatchNormAct2d
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "FusedBatchNormAct2d",
     "FusedBottleneck",
     "FusedConv2d",
+    "FusedLinearNorm",
     "available_backends",
     "conv_batch_norm_act",
     "conv_bn_act",

@@ -10,6 +10,8 @@ traced at most once per mode per conversion):
 3. ``norm_act``: a BatchNorm2d no conv absorbed, followed by an activation (pre-activation
    networks; timm's BatchNormAct2d after a concat or an add), becomes ``FusedBatchNormAct2d``.
 4. ``residual``: in blocks of any class, ``fused conv → add(other) → ReLU`` into the conv.
+5. ``linear_norm``: timm LeViT's ``LinearNorm`` (exact class: Linear → BatchNorm1d over the
+   tokens) becomes ``FusedLinearNorm``, a 1x1 conv unit on the tokens.
 Each pass returns what it left alone and why; ``report`` only formats those decisions.
 
 Only plain modules are fused: exactly nn.Conv2d (zero padding given as numbers) and exactly
@@ -28,6 +30,7 @@ from torch import nn
 from .. import backends
 from ..nn import FusedBasicBlock, FusedBottleneck, has_hooks, is_plain_batch_norm, is_plain_conv, norm_features
 from .chains import fuse_chains
+from .linear_norm import fuse_linear_norms
 from .norm_act import fuse_norm_acts
 from .report import ConversionReport, build_report
 from .residual import fuse_residuals, may_hold_residual
@@ -86,6 +89,7 @@ def convert(model: nn.Module, backend: str = "auto", inplace: bool = False, repo
         for name, block in list(model.named_modules()):
             if may_hold_residual(block):
                 residual_misses += [(_join(name, target), reason) for target, reason in fuse_residuals(block, traces)]
+        fuse_linear_norms(model, shared, backend)
     return (model, build_report(model, backend, conv_reasons, residual_misses)) if report else model
 
 

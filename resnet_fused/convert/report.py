@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..linear_norm import FusedLinearNorm
 from ..norm_act import FusedBatchNormAct2d
 from ..nn import FOLDED, FusedConv2d, has_hooks, is_plain_batch_norm, norm_act_activation, timm_norm_act_types
 from ..ops.activation import Kind
 from .chains import is_norm
-
 
 
 @dataclass
@@ -28,6 +28,7 @@ class ConversionReport:
     activations_fused: Counter = field(default_factory=Counter)
     residuals_fused: int = 0  # add + ReLU pairs applied in a fused conv's epilogue
     norm_acts_fused: int = 0  # BatchNorm + activation pairs with no conv, now one op (FusedBatchNormAct2d)
+    linear_norms_fused: int = 0  # Linear + BatchNorm1d pairs, now one op (FusedLinearNorm)
     unfused: list[tuple[str, str]] = field(default_factory=list)  # (module name, reason)
 
     def __str__(self) -> str:
@@ -36,7 +37,7 @@ class ConversionReport:
             f"resnet_fused.convert (backend={self.backend!r}): {self.convs_fused} conv+BatchNorm fused, "
             f"{sum(self.activations_fused.values())} activations fused{f' ({kinds})' if kinds else ''}, "
             f"{self.residuals_fused} residual add+ReLU fused, {self.norm_acts_fused} BatchNorm+activation fused "
-            "without a conv",
+            f"without a conv, {self.linear_norms_fused} Linear+BatchNorm1d fused",
         ]
         if self.unfused:
             # One line per reason (a ResNet repeats its blocks), with a few of the places.
@@ -57,6 +58,7 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
     """``conv_reasons``: conv name → why the chain pass left it; ``residual_misses``: (fused
     conv name, why its add + ReLU stays) from the residual pass."""
     report = ConversionReport(backend)
+    in_fused = {id(m.bn) for m in model.modules() if isinstance(m, FusedLinearNorm)}
     for name, module in model.named_modules():
         if isinstance(module, FusedConv2d):
             report.convs_fused += 1
@@ -66,6 +68,10 @@ def build_report(model: nn.Module, backend: str, conv_reasons: dict[str, str],
                 report.activations_fused[type(module.act.to_module()).__name__] += 1
         elif isinstance(module, FusedBatchNormAct2d):
             report.norm_acts_fused += 1
+        elif isinstance(module, FusedLinearNorm):
+            report.linear_norms_fused += 1
+        elif id(module) in in_fused:
+            continue
         elif isinstance(module, nn.Conv2d):
             report.unfused.append((name, conv_reasons.get(name, "not called by any forward convert could trace")))
         elif is_norm(module) and not isinstance(module, FOLDED):
