@@ -296,7 +296,8 @@ void plane_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* 
 // grad, out, y:          rows x K values, row-major (out unread unless ReLU)
 // mean, scale, shift:    (K,); scale/shift the BN affine (read when kAct needs z)
 // sum_g_out, sum_gc_out: (K,) double out
-// scratch:               (2K,) double (the sums, in double as in the NCHW chunks)
+// scratch:               (3K,) double: the sums (in double as in the NCHW
+//                        chunks), then one row's g
 template <typename scalar_t, ActKind kAct>
 void rows_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* __restrict out,
                               const scalar_t* __restrict y, int64_t rows, int64_t K,
@@ -308,12 +309,16 @@ void rows_chunk_backward_sums(const scalar_t* __restrict grad, const scalar_t* _
   using acc_t = at::opmath_type<scalar_t>;
   double* __restrict sg = scratch;
   double* __restrict sgc = scratch + K;
+  // A row's g first, as in the NCHW chunks: with the ReLU select inside the
+  // accumulating loop g++ kept a branch per element (measured 40 ms for 6.4M
+  // values, 7 ms without the activation).
+  acc_t* __restrict g = reinterpret_cast<acc_t*>(scratch + 2 * K);
   std::fill(scratch, scratch + 2 * K, 0.0);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t base = r * K;
+    for (int64_t k = 0; k < K; ++k) g[k] = grad_z<kAct>(grad, out, y, base + k, scale[k], shift[k], act);
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t g = grad_z<kAct>(grad, out, y, base + k, scale[k], shift[k], act);
-      bn_backward_accumulate<double>(g, static_cast<double>(y[base + k]), mean[k], sg[k], sgc[k]);
+      bn_backward_accumulate<double>(g[k], static_cast<double>(y[base + k]), mean[k], sg[k], sgc[k]);
     }
   }
   std::copy(sg, sg + K, sum_g_out);
@@ -342,7 +347,7 @@ void backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& out, cons
       constexpr ActKind kAct = decltype(kind)::value;
       if (v.channels_last) {
         at::parallel_for(0, ch.chunks, chunk_grain(v, ch), [&](int64_t begin, int64_t end) {
-          std::vector<double> scratch(2 * K);
+          std::vector<double> scratch(3 * K);
           for (int64_t c = begin; c < end; ++c) {
             const int64_t base = c * ch.len * K;
             rows_chunk_backward_sums<scalar_t, kAct>(gp + base, op ? op + base : nullptr, yp + base, ch.count(c), K,
