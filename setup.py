@@ -235,7 +235,10 @@ def make_extension():
     macros = [("RESNET_FUSED_TORCH_VERSION", c_string(torch.__version__))]
     # No -std flag: torch appends the standard its headers need (C++20 for 2.14,
     # C++17 for older releases); the sources are valid under both.
-    cxx_flags = ["-O3"]
+    # No fp contraction: the CPU kernels' copies for wider instruction sets
+    # (csrc/cpu/isa.h) would fuse a * b + c into an fma where the baseline copy
+    # rounds twice, and every copy must compute the same bits.
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     # No --use_fast_math: it flushes denormals and approximates division/sqrt,
     # which moves results away from the PyTorch reference. -lineinfo keeps
     # source lines for Nsight Compute / compute-sanitizer at no runtime cost.

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/isa.h"
 #include "cutlass_plan.h"
 #include "epilogue.h"
 
@@ -194,6 +195,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "resnet_fused C++/CUDA kernels; the ops live under torch.ops.resnet_fused";
   m.def("build_info", &build_info, "Build configuration: with_cuda, cuda_archs, cuda_version, torch_version");
+  m.def("cpu_isa", [] { return std::string(resnet_fused::cpu_isa::name(resnet_fused::cpu_isa::current())); },
+        "The instruction set the CPU kernels run with: baseline, avx2 or avx512 (csrc/cpu/isa.h)");
+  m.def("cpu_isa_set", &resnet_fused::cpu_isa::set, py::arg("name"),
+        "Run the CPU kernels with instruction set `name` from the next call on (ValueError where this build or CPU "
+        "lacks it); returns the previous name");
+  m.def("cpu_isa_supported", [](const std::string& name) {
+    for (auto isa : {resnet_fused::cpu_isa::kBaseline, resnet_fused::cpu_isa::kAvx2, resnet_fused::cpu_isa::kAvx512}) {
+      if (name == resnet_fused::cpu_isa::name(isa)) return resnet_fused::cpu_isa::supported(isa);
+    }
+    throw std::invalid_argument("unknown CPU instruction set '" + name + "' (baseline, avx2 or avx512)");
+  }, py::arg("name"), "Whether this build and CPU run the CPU kernels with instruction set `name`");
   m.def("cuda_conv_plan", &cuda_conv_plan,
         "The cuda backend's choice for one conv_bn_act: {kernel (None = cuDNN + epilogue), reason, "
         "convert_layout, tile, output_shape}. Defaults: an H100 (capability (9, 0), 132 SMs), this build's kernels "
